@@ -1,0 +1,5 @@
+"""``python -m snapfs`` runs the command line."""
+
+from snapfs.cli import main
+
+main()
