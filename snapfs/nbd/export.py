@@ -1,0 +1,275 @@
+"""Disk exports: one qemu-nbd per image, a pool of AIO connections, lazy start, idle stop.
+
+Owns ``DiskExport`` (one image: its server, its connections, its extent map, its failure
+state) and ``ExportManager`` (all exports of a mount: the runtime directory, the nursery the
+connection drivers run in, the idle reaper, and stopping everything at unmount).
+
+Life of an export: started on first use (an open of the disk file, or a guest appliance
+attaching), shared by every user, stopped after ``idle_timeout`` seconds without users and at
+unmount. A connection that dies (server killed, I/O error) fails the reads in flight with
+EIO; the export is then torn down and the next read starts it again, once. If that start
+fails too, reads fail fast for ``RETRY_AFTER_S`` before another attempt, so a broken image
+does not spawn a server per read.
+
+Thread rules: all methods run on the trio loop. Blocking work (the NBD handshake, the block
+status query) runs in worker threads; reads and writes use libnbd AIO on the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import nbd
+import trio
+
+from snapfs.config import NbdSettings
+from snapfs.errors import BackendUnavailable
+from snapfs.nbd.client import ConnectionLost, NbdConnection
+from snapfs.nbd.extents import ExtentMap, query_extents
+from snapfs.nbd.server import QemuNbdServer, ServerSpec
+
+log = logging.getLogger(__name__)
+
+# The NBD protocol lets servers refuse requests over 32 MiB (qemu-nbd's maximum).
+MAX_REQUEST = 32 << 20
+# After a failed (re)start, fail reads without retrying for this long.
+RETRY_AFTER_S = 30.0
+# How often the reaper looks for idle exports.
+REAP_INTERVAL_S = 5.0
+
+
+class DiskExport:
+    """One image served read-only (snapshot disks) or read-write (restore disks)."""
+
+    def __init__(
+        self,
+        manager: ExportManager,
+        key: str,
+        image: Path,
+        fmt: str,
+        *,
+        readonly: bool = True,
+    ) -> None:
+        self._manager = manager
+        self.key = key
+        self.image = image
+        self.format = fmt
+        self.readonly = readonly
+        self.socket_path = manager.runtime_dir / f"{key}.sock"
+        self._server: QemuNbdServer | None = None
+        self._conns: list[NbdConnection] = []
+        self._lock = trio.Lock()
+        self.extents: ExtentMap | None = None
+        self.size: int | None = None
+        self.users = 0
+        self.last_used = time.monotonic()
+        self._in_flight = 0
+        self._failed_at: float | None = None
+        self._failure: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return bool(self._conns) and self._server is not None and self._server.running
+
+    async def acquire(self) -> None:
+        """Register a user (an open file, an appliance) and make sure the server is up."""
+        self.users += 1
+        self.last_used = time.monotonic()
+        try:
+            await self.ensure_running()
+        except BaseException:
+            self.users -= 1
+            raise
+
+    def release(self) -> None:
+        self.users = max(0, self.users - 1)
+        self.last_used = time.monotonic()
+
+    async def ensure_running(self) -> None:
+        if self.running:
+            return
+        async with self._lock:
+            if self.running:
+                return
+            if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
+                raise BackendUnavailable(f"{self.image}: {self._failure}")
+            await self._teardown()
+            try:
+                await self._start()
+            except BaseException as exc:
+                await self._teardown()
+                self._failed_at = time.monotonic()
+                self._failure = str(exc)
+                log.error("cannot serve %s: %s", self.image, exc)
+                raise
+            self._failed_at = None
+            self._failure = None
+
+    async def _start(self) -> None:
+        settings = self._manager.settings
+        server = QemuNbdServer(
+            ServerSpec(
+                image=self.image,
+                format=self.format,
+                socket_path=self.socket_path,
+                readonly=self.readonly,
+                discard=not self.readonly,
+            )
+        )
+        self._server = server
+        started = time.monotonic()
+        await server.start()
+        try:
+            first = await NbdConnection.connect_unix(
+                str(self.socket_path), meta_contexts=(nbd.CONTEXT_BASE_ALLOCATION,)
+            )
+        except BackendUnavailable as exc:
+            reason = server.failure_reason()
+            await server.stop()
+            raise BackendUnavailable(f"{exc}; {reason}") from exc
+        conns = [first]
+        # A writable export without multi-conn consistency must use one connection.
+        count = settings.connections if (self.readonly or first.can_multi_conn) else 1
+        for _ in range(count - 1):
+            conns.append(await NbdConnection.connect_unix(str(self.socket_path)))
+        if self.extents is None and self.readonly:
+            # Snapshot data is immutable: one block-status pass serves for the whole mount.
+            self.extents = await trio.to_thread.run_sync(query_extents, first.handle, first.size)
+        self.size = first.size
+        for conn in conns:
+            self._manager.nursery.start_soon(conn.run)
+        self._conns = conns
+        log.info(
+            "serving %s (%s, %d bytes, %d connections) in %.2f s",
+            self.image,
+            self.format,
+            first.size,
+            len(conns),
+            time.monotonic() - started,
+        )
+
+    async def _teardown(self) -> None:
+        conns, self._conns = self._conns, []
+        with trio.CancelScope(shield=True):
+            for conn in conns:
+                await conn.close()
+            if self._server is not None:
+                await self._server.stop()
+                self._server = None
+
+    async def stop(self) -> None:
+        async with self._lock:
+            await self._teardown()
+
+    @property
+    def idle(self) -> bool:
+        return self.users == 0 and self._in_flight == 0 and bool(self._conns)
+
+    # -- I/O -------------------------------------------------------------------------
+    def _pick(self) -> NbdConnection:
+        live = [c for c in self._conns if c.dead is None]
+        if not live:
+            raise ConnectionLost(f"{self.image}: no live NBD connection")
+        return min(live, key=lambda c: c.in_flight)
+
+    async def _io_failed(self, exc: BaseException) -> None:
+        """A connection died: drop the server so that the next request starts a new one."""
+        reason = self._server.failure_reason() if self._server else ""
+        log.error("I/O on %s failed: %s (%s)", self.image, exc, reason)
+        await self.stop()
+
+    async def read(self, offset: int, size: int) -> bytes | bytearray:
+        """Bytes of the disk at ``offset`` (short at the end of the disk)."""
+        await self.ensure_running()
+        assert self.size is not None
+        if offset >= self.size or size <= 0:
+            return b""
+        size = min(size, self.size - offset, MAX_REQUEST)
+        self.last_used = time.monotonic()
+        extents = self.extents
+        if extents is None:
+            segments = [(offset, offset + size)]
+        else:
+            segments = [(s.start, s.end) for s in extents.segments(offset, size) if s.data]
+            if not segments:
+                return bytes(size)  # a hole: no round trip
+        buf = bytearray(size)
+        view = memoryview(buf)
+        self._in_flight += 1
+        try:
+            for start, end in segments:
+                await self._pick().pread_into(view[start - offset : end - offset], start)
+        except ConnectionLost as exc:
+            await self._io_failed(exc)
+            raise
+        finally:
+            self._in_flight -= 1
+        return buf
+
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        await self.ensure_running()
+        self.last_used = time.monotonic()
+        self._in_flight += 1
+        try:
+            await self._pick().pwrite(data, offset)
+        except ConnectionLost as exc:
+            await self._io_failed(exc)
+            raise
+        finally:
+            self._in_flight -= 1
+        return len(data)
+
+    async def flush(self) -> None:
+        if not self.running:
+            return
+        for conn in self._conns:
+            if conn.can_flush and conn.dead is None:
+                await conn.flush()
+
+
+class ExportManager:
+    """All disk exports of one mount, and the runtime directory their sockets live in."""
+
+    def __init__(
+        self, runtime_dir: Path, nursery: trio.Nursery, settings: NbdSettings | None = None
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.nursery = nursery
+        self.settings = settings or NbdSettings()
+        self._exports: dict[str, DiskExport] = {}
+
+    def export_for(self, image: Path, fmt: str, *, readonly: bool = True) -> DiskExport:
+        """The export of ``image`` (created on first request, not started)."""
+        # Socket names must stay short (108-byte limit): a hash of the image path.
+        key = hashlib.sha256(f"{image}\0{fmt}\0{readonly}".encode()).hexdigest()[:16]
+        export = self._exports.get(key)
+        if export is None:
+            export = DiskExport(self, key, image, fmt, readonly=readonly)
+            self._exports[key] = export
+        return export
+
+    @property
+    def exports(self) -> list[DiskExport]:
+        return list(self._exports.values())
+
+    async def reap_idle(self) -> None:
+        """Stop servers nobody used for ``idle_timeout`` seconds (runs until cancelled)."""
+        while True:
+            await trio.sleep(REAP_INTERVAL_S)
+            now = time.monotonic()
+            for export in self.exports:
+                if export.idle and now - export.last_used >= self.settings.idle_timeout:
+                    log.info("stopping idle server for %s", export.image)
+                    await export.stop()
+
+    async def stop_all(self) -> None:
+        with trio.CancelScope(shield=True):
+            for export in self.exports:
+                with contextlib.suppress(Exception):
+                    await export.flush()
+                await export.stop()
