@@ -73,9 +73,7 @@ def _apply(section: Any, values: dict[str, Any], where: str) -> Any:
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not type(default):
-            raise SnapfsUserError(
-                f"{where}: {key} must be {type(default).__name__}, not {value!r}"
-            )
+            raise SnapfsUserError(f"{where}: {key} must be {type(default).__name__}, not {value!r}")
         updates[key] = value
     return replace(section, **updates)
 

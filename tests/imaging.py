@@ -7,9 +7,7 @@ from pathlib import Path
 
 
 def run(*cmd: str | Path) -> str:
-    return subprocess.run(
-        [str(c) for c in cmd], check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
 
 
 def sparse_raw(path: Path, size: int, writes: list[tuple[int, int, int]]) -> Path:
@@ -38,9 +36,15 @@ def convert(src: Path, dst: Path, fmt: str, src_fmt: str = "raw") -> Path:
 def overlay(base: Path, dst: Path, writes: list[tuple[int, int, int]]) -> Path:
     """A qcow2 overlay on ``base`` (relative backing path) with pattern writes."""
     run(
-        "qemu-img", "create", "-q", "-f", "qcow2",
-        "-b", base.name, "-F", run("qemu-img", "info", "--output=json", base).split(
-            '"format": "')[1].split('"')[0],
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.name,
+        "-F",
+        run("qemu-img", "info", "--output=json", base).split('"format": "')[1].split('"')[0],
         dst,
     )
     for offset, length, pattern in writes:

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # when idle; a few seconds covers flushing a writable export.
 STOP_TIMEOUT_S = 5.0
 
-# The bash wrapper (dash cannot redirect fds above 9) moves the listening socket to fd 3 and sets the activation variables
-# for its own pid ($$), which exec keeps for setpriv and then qemu-nbd.
+# The wrapper moves the listening socket to fd 3 and sets the activation variables for its
+# own pid ($$), which exec keeps for setpriv and then qemu-nbd. bash, because dash cannot
+# redirect file descriptors above 9.
 _ACTIVATE = (
     'exec 3<&"$SNAPFS_LISTEN_FD"; '
     "export LISTEN_PID=$$ LISTEN_FDS=1; unset SNAPFS_LISTEN_FD; "
@@ -119,9 +120,7 @@ class QemuNbdServer:
         finally:
             # The child holds its own copy; ours must not keep the socket alive.
             sock.close()
-        log.info(
-            "started qemu-nbd pid %s for %s on %s", self._process.pid, self.spec.image, path
-        )
+        log.info("started qemu-nbd pid %s for %s on %s", self._process.pid, self.spec.image, path)
 
     def failure_reason(self) -> str:
         """What the server said on stderr, and how it exited (for error messages)."""

@@ -31,7 +31,9 @@ def runtime_dir():
 def chain(tmp_path: Path) -> tuple[Path, bytes]:
     base = imaging.random_raw(tmp_path / "base.raw", 16 * MiB, [(0, MiB), (5 * MiB, 3 * MiB)])
     qbase = imaging.convert(base, tmp_path / "base.qcow2", "qcow2")
-    top = imaging.overlay(qbase, tmp_path / "top.qcow2", [(512 * 1024, 4096, 0x55), (12 * MiB, MiB, 0xAA)])
+    top = imaging.overlay(
+        qbase, tmp_path / "top.qcow2", [(512 * 1024, 4096, 0x55), (12 * MiB, MiB, 0xAA)]
+    )
     return top, imaging.to_raw(top, tmp_path / "expect.raw")
 
 
