@@ -1,14 +1,201 @@
-"""The ``snapfs`` command line (click): mount, umount, ls and the repo commands."""
+"""The ``snapfs`` command line (click): mount, umount, ls and the repo commands.
+
+``snapfs mount`` runs in the background by default: the command starts a detached daemon
+(``snapfs mount --foreground`` in a new session, logging to a file) and returns once the
+daemon says the mount is up, or prints why it is not. The daemon reports through a pipe
+whose fd is passed in ``SNAPFS_READY_FD``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import click
+import trio
+
+from snapfs.config import load_settings
+from snapfs.errors import SnapfsError, SnapfsUserError
+from snapfs.log import setup_logging
+from snapfs.mountpoint import (
+    FSTYPE,
+    check_mountpoint,
+    daemon_pid,
+    fstype_at,
+    fusermount_unmount,
+    is_stale,
+)
+from snapfs.repo_cli import ls_command, repo_group
+from snapfs.sources import check_source
+
+log = logging.getLogger(__name__)
+
+# How long ``snapfs mount`` waits for the daemon to report; loading a big repository
+# (qemu-img info of every image) can take a while on a busy machine.
+MOUNT_READY_TIMEOUT_S = 300
+# How long ``snapfs umount`` waits for the daemon to stop its servers and exit.
+UMOUNT_WAIT_S = 60
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """One-line messages and an exit code for errors the user can act on."""
+    try:
+        yield
+    except SnapfsUserError as exc:
+        click.echo(f"snapfs: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except SnapfsError as exc:
+        click.echo(f"snapfs: {exc.message}", err=True)
+        sys.exit(1)
 
 
 @click.group()
 @click.version_option()
 def cli() -> None:
     """snapfs: browse and restore virtual-machine backups as a filesystem."""
+
+
+cli.add_command(repo_group)
+cli.add_command(ls_command)
+
+
+def default_log_path(mountpoint: Path) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:8]
+    return Path(base) / "snapfs" / f"mount-{mountpoint.name or 'root'}-{digest}.log"
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
+@click.option("--force", is_flag=True, help="Clear a dead (stale) mount at MOUNTPOINT first.")
+@click.option("--allow-other", is_flag=True, help="Let other users see the mount.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Settings file.")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), help="Log file.")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+@click.option("--debug-fuse", is_flag=True, hidden=True)
+def mount(
+    source: str,
+    mountpoint: Path,
+    foreground: bool,
+    force: bool,
+    allow_other: bool,
+    config_path: Path | None,
+    log_path: Path | None,
+    debug: bool,
+    debug_fuse: bool,
+) -> None:
+    """Mount the backup SOURCE (a repository directory) at MOUNTPOINT."""
+    ready_fd = os.environ.pop("SNAPFS_READY_FD", None)
+    with user_errors():
+        mountpoint = check_mountpoint(mountpoint, force=force)
+        settings = load_settings(config_path, required=config_path is not None)
+        check_source(source)
+        source = os.path.abspath(source)
+    if not foreground:
+        _mount_in_background(mountpoint, log_path or default_log_path(mountpoint))
+        return
+    setup_logging(debug=debug, logfile=log_path)
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            os.write(int(ready_fd), b"ok\n")
+            os.close(int(ready_fd))
+
+    from snapfs.mount import serve  # pyfuse3 is only needed by the daemon
+
+    try:
+        trio.run(
+            lambda: serve(
+                source,
+                mountpoint,
+                settings,
+                allow_other=allow_other,
+                debug_fuse=debug_fuse,
+                on_ready=on_ready,
+            )
+        )
+    except (SnapfsError, SnapfsUserError, RuntimeError, OSError) as exc:
+        message = exc.message if isinstance(exc, SnapfsError) else str(exc)
+        log.error("mount failed: %s", message)
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(int(ready_fd), f"error: {message}\n".encode())
+        click.echo(f"snapfs: mount failed: {message}", err=True)
+        sys.exit(1)
+
+
+def _mount_in_background(mountpoint: Path, log_path: Path) -> None:
+    """Start the daemon detached and wait until it reports the mount up (or failed)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    args = [a for a in sys.argv[1:]]
+    cmd = [sys.executable, "-m", "snapfs", *args, "--foreground", "--log", str(log_path)]
+    with open(log_path, "ab") as logfile:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            pass_fds=(write_end,),
+            env=dict(os.environ, SNAPFS_READY_FD=str(write_end)),
+            start_new_session=True,
+        )
+    os.close(write_end)
+    deadline = time.monotonic() + MOUNT_READY_TIMEOUT_S
+    message = b""
+    with os.fdopen(read_end, "rb") as pipe:
+        while time.monotonic() < deadline:
+            chunk = pipe.readline()
+            message += chunk
+            if not chunk or chunk.endswith(b"\n"):
+                break
+    text = message.decode(errors="replace").strip()
+    if text == "ok":
+        click.echo(f"mounted at {mountpoint} (pid {proc.pid}, log {log_path})")
+        return
+    if proc.poll() is None and not text:
+        proc.terminate()
+    reason = text.removeprefix("error: ") if text else f"daemon exited; see {log_path}"
+    click.echo(f"snapfs: mount failed: {reason}", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount a snapfs mount and wait until its servers are stopped."""
+    mountpoint = Path(os.path.abspath(mountpoint))
+    with user_errors():
+        kind = fstype_at(mountpoint)
+        if kind is None:
+            raise SnapfsUserError(f"{mountpoint} is not mounted")
+        if kind != FSTYPE:
+            raise SnapfsUserError(f"{mountpoint} is not a snapfs mount ({kind})")
+        pid = daemon_pid(mountpoint)
+        fusermount_unmount(mountpoint, lazy=lazy or is_stale(mountpoint))
+        if pid is None:
+            return
+        deadline = time.monotonic() + UMOUNT_WAIT_S
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            with contextlib.suppress(OSError):
+                # A zombie has finished: its stat shows state Z.
+                if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                    return
+            time.sleep(0.05)
+        raise SnapfsUserError(f"unmounted, but daemon pid {pid} is still running", 2)
 
 
 def main() -> None:

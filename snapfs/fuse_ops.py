@@ -1,0 +1,271 @@
+"""The pyfuse3 adapter: FUSE requests in, tree operations out, errnos back.
+
+A protocol adapter only (as borg's fuse.py): what the tree looks like is ``vfs``; here we
+translate inode numbers and ``EntryAttributes`` in, and turn every failure into a
+``FUSEError`` — the only exception pyfuse3 lets a handler raise (anything else would end
+``pyfuse3.main`` and with it the mount). The ``errno_boundary`` decorator does that:
+``SnapfsError`` → its errno, ``nbd.Error`` → its errno or EIO, anything else → logged, EIO.
+
+Thread rules: handlers run as trio tasks on the loop thread; they only do dict lookups and
+await the tree's async methods, which keep blocking work off the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from snapfs.errors import IsADirectory, NotADirectory, ReadOnly, SnapfsError, to_errno
+from snapfs.vfs import Attrs, Dir, File, Node, OpenFile, Symlink, Tree
+
+log = logging.getLogger(__name__)
+
+# Snapshot data never changes while mounted: let the kernel cache names and attributes long.
+CACHE_TIMEOUT_S = 3600.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Errors that are an answer, not a fault: not worth more than a debug line.
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS, errno.ENOTDIR})
+
+
+def errno_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Let only FUSEError out of a handler; log why a request failed."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except SnapfsError as exc:
+            level = logging.DEBUG if exc.errno in _QUIET_ERRNOS else logging.ERROR
+            log.log(level, "%s: %s", fn.__name__, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:
+            code = to_errno(exc)
+            if type(exc).__module__ == "nbd":
+                log.error("%s: NBD error: %s", fn.__name__, exc)
+            else:
+                log.exception("%s: unexpected error", fn.__name__)
+                code = errno.EIO
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def entry_attributes(attrs: Attrs, timeout: float = CACHE_TIMEOUT_S) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attrs.ino
+    entry.generation = 0
+    entry.entry_timeout = timeout
+    entry.attr_timeout = timeout
+    entry.st_mode = attrs.mode
+    entry.st_nlink = attrs.nlink
+    entry.st_uid = attrs.uid
+    entry.st_gid = attrs.gid
+    entry.st_rdev = attrs.rdev
+    entry.st_size = attrs.size
+    entry.st_blksize = attrs.blksize
+    entry.st_blocks = attrs.blocks
+    entry.st_atime_ns = attrs.atime_ns
+    entry.st_mtime_ns = attrs.mtime_ns
+    entry.st_ctime_ns = attrs.ctime_ns
+    return entry
+
+
+def _wants_write(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    """FUSE operations over a ``vfs.Tree``."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__()
+        self.tree = tree
+        self._fh_counter = itertools.count(1)
+        self._open_files: dict[int, OpenFile] = {}
+        self._open_dirs: dict[int, list[Node]] = {}
+
+    # -- names and attributes --------------------------------------------------------
+    async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        return entry_attributes(await node.getattr())
+
+    @errno_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.tree.get(parent_inode)
+        if not isinstance(parent, Dir):
+            raise NotADirectory("not a directory")
+        return await self._entry(await parent.lookup(name))
+
+    @errno_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return await self._entry(self.tree.get(inode))
+
+    @errno_boundary
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self.tree.get(inode)
+        if not isinstance(node, Symlink):
+            raise SnapfsError("not a symlink", errno=errno.EINVAL)
+        return node.target
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Nodes are never dropped while mounted (their inodes are derived, not counted).
+        return None
+
+    # -- directories -----------------------------------------------------------------
+    @errno_boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = self.tree.get(inode)
+        if not isinstance(node, Dir):
+            raise NotADirectory("not a directory")
+        # The listing is taken once per open, so a reader sees one consistent snapshot of it;
+        # a failure here is the caller's error (never an empty directory).
+        entries = await node.entries()
+        fh = next(self._fh_counter)
+        self._open_dirs[fh] = entries
+        return fh
+
+    @errno_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._open_dirs.get(fh)
+        if entries is None:
+            raise SnapfsError("bad directory handle", errno=errno.EBADF)
+        for index in range(start_id, len(entries)):
+            node = entries[index]
+            if not pyfuse3.readdir_reply(token, node.name, await self._entry(node), index + 1):
+                break
+
+    @errno_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------------
+    @errno_boundary
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self.tree.get(inode)
+        if isinstance(node, Dir):
+            raise IsADirectory("is a directory")
+        if not isinstance(node, File):
+            raise SnapfsError("cannot open this node", errno=errno.EINVAL)
+        handle = await node.open(_wants_write(flags))
+        fh = next(self._fh_counter)
+        self._open_files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+
+    def _handle(self, fh: int) -> OpenFile:
+        handle = self._open_files.get(fh)
+        if handle is None:
+            raise SnapfsError("bad file handle", errno=errno.EBADF)
+        return handle
+
+    @errno_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        return await self._handle(fh).read(off, size)
+
+    @errno_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).write(off, buf)
+
+    @errno_boundary
+    async def flush(self, fh: int) -> None:
+        await self._handle(fh).flush()
+
+    @errno_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handle(fh).flush()
+
+    @errno_boundary
+    async def release(self, fh: int) -> None:
+        handle = self._open_files.pop(fh, None)
+        if handle is not None:
+            await handle.release()
+
+    # -- the filesystem --------------------------------------------------------------
+    @errno_boundary
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+    @errno_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        self.tree.get(inode)
+        raise SnapfsError("no such attribute", errno=errno.ENODATA)
+
+    @errno_boundary
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        self.tree.get(inode)
+        return []
+
+    # -- everything that would change the tree: read-only ------------------------------
+    @errno_boundary
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise ReadOnly("read-only")
+
+    @errno_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise ReadOnly("read-only")

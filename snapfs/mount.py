@@ -1,0 +1,105 @@
+"""The mount's lifecycle: load the source, start FUSE, serve, and stop everything it started.
+
+Owns the order of start and stop (s3ql's mount.py model): the catalog is loaded in a worker
+thread before FUSE is initialised; exports and appliances run in one nursery; SIGINT,
+SIGTERM, ``snapfs umount`` and ``fusermount3 -u`` all end ``pyfuse3.main``; then, shielded
+from cancellation, every export is flushed and stopped, FUSE is closed and the runtime
+directory removed. A daemon killed with SIGKILL cannot clean up, but its qemu-nbd servers
+die with it (parent-death signal, see ``nbd.server``) and the next mount of the same
+mountpoint removes the leftover runtime directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from snapfs.catalog.model import Catalog
+from snapfs.config import Settings
+from snapfs.fuse_ops import Operations
+from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
+from snapfs.nbd.export import ExportManager
+from snapfs.sources import load_source
+from snapfs.vfs import build_tree
+
+log = logging.getLogger(__name__)
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+def fuse_options(source: str, *, allow_other: bool, debug: bool) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {f"fsname=snapfs:{source}", "subtype=snapfs", "default_permissions"}
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    return options
+
+
+async def serve(
+    source: str,
+    mountpoint: Path,
+    settings: Settings,
+    *,
+    allow_other: bool = False,
+    debug_fuse: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount ``source`` at ``mountpoint`` and serve until unmounted or signalled."""
+    started = time.monotonic()
+    catalog: Catalog = await trio.to_thread.run_sync(load_source, source)
+    for problem in catalog.problems:
+        log.warning("source problem: %s", problem)
+    log.info(
+        "loaded %s: %d VMs, %d snapshots in %.2f s",
+        source,
+        len(catalog.vms),
+        sum(len(vm.snapshots) for vm in catalog.vms),
+        time.monotonic() - started,
+    )
+    runtime_dir = create_runtime_dir(mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            exports = ExportManager(runtime_dir, nursery, settings.nbd)
+            tree, _root = build_tree(catalog, exports)
+            operations = Operations(tree)
+            pyfuse3.init(
+                operations,
+                str(mountpoint),
+                fuse_options(source, allow_other=allow_other, debug=debug_fuse),
+            )
+            try:
+                nursery.start_soon(_terminate_on_signals)
+                nursery.start_soon(exports.reap_idle)
+                if settings.nbd.read_ahead_kb > 0:
+                    ok = await trio.to_thread.run_sync(
+                        set_read_ahead, mountpoint, settings.nbd.read_ahead_kb
+                    )
+                    log.debug("read-ahead %d KiB: %s", settings.nbd.read_ahead_kb, ok)
+                log.info("mounted %s at %s (pid %d)", source, mountpoint, os.getpid())
+                if on_ready is not None:
+                    on_ready()
+                await pyfuse3.main()
+            finally:
+                with trio.CancelScope(shield=True):
+                    # Unmount first so that no request waits on a stopping server.
+                    pyfuse3.close(unmount=True)
+                    await exports.stop_all()
+                nursery.cancel_scope.cancel()
+    finally:
+        remove_runtime_dir(runtime_dir)
+        log.info("unmounted %s", mountpoint)
