@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from snapfs.catalog import qemu_img, repo
-from snapfs.errors import SnapfsUserError
+from snapfs.errors import RepositoryError, SnapfsUserError
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,10 @@ def add_snapshot(
     created on its first snapshot. Raises ``SnapfsUserError`` for bad input and
     ``QemuImgError`` when qemu-img fails.
     """
-    repo.read_marker(root)
+    try:
+        repo.read_marker(root)
+    except RepositoryError as exc:
+        raise SnapfsUserError(exc.message) from None
     if format not in qemu_img.FORMATS:
         raise SnapfsUserError(f"unknown format {format!r} (one of {', '.join(qemu_img.FORMATS)})")
     if not vm_name or "\0" in vm_name:
