@@ -49,8 +49,10 @@ def fstype_at(path: Path) -> str | None:
 
 
 def is_stale(path: Path) -> bool:
+    # statvfs always reaches the filesystem; stat may be answered from the kernel's
+    # attribute cache even after the daemon died.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
