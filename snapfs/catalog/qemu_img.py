@@ -149,16 +149,20 @@ def _image_info(obj: Any) -> ImageInfo:
     )
 
 
-def info(path: Path, fmt: str, *, timeout: float = METADATA_TIMEOUT) -> list[ImageInfo]:
-    """The image at ``path`` and its whole backing chain, top first.
+def info(
+    path: Path, fmt: str, *, chain: bool = True, timeout: float = METADATA_TIMEOUT
+) -> list[ImageInfo]:
+    """The image at ``path`` and, with ``chain``, its whole backing chain, top first.
 
+    Without ``chain`` the backing file is not opened at all (only its name is reported).
     ``-U`` (force share) lets us read images another process holds open (a running backup
-    or a qemu-nbd serving the mount). Missing, looping or unreadable backing files and
-    corrupt headers all raise ``QemuImgError`` with qemu's message.
+    or a qemu-nbd serving the mount). Missing or unreadable backing files and corrupt headers
+    raise ``QemuImgError`` with qemu's message.
     """
-    out = _run_checked(
-        ["info", "-U", "--output=json", "--backing-chain", "-f", fmt, str(path)], timeout
-    )
+    args = ["info", "-U", "--output=json", "-f", fmt, str(path)]
+    if chain:
+        args.insert(3, "--backing-chain")
+    out = _run_checked(args, timeout)
     data = _parse_json(out, "info")
     items = data if isinstance(data, list) else [data]
     return [_image_info(item) for item in items]
@@ -205,9 +209,24 @@ def allocated(path: Path, fmt: str, *, timeout: float = METADATA_TIMEOUT) -> int
     return sum(e.length for e in map_extents(path, fmt, timeout=timeout) if e.data)
 
 
-def check(path: Path, fmt: str, *, timeout: float = METADATA_TIMEOUT) -> CheckResult:
-    """Run ``qemu-img check`` (read-only: never repairs) and summarise it."""
-    proc = _run(["check", "-U", "--output=json", "-f", fmt, str(path)], timeout)
+# Formats whose images can have a backing file (the others reject a "backing" option).
+_BACKING_FORMATS = ("qcow2", "vmdk")
+
+
+def check(
+    path: Path, fmt: str, *, open_backing: bool = True, timeout: float = METADATA_TIMEOUT
+) -> CheckResult:
+    """Run ``qemu-img check`` (read-only: never repairs) and summarise it.
+
+    Without ``open_backing`` only this file is checked: a missing backing file is then not
+    an error here (the caller walks the chain and reports it more clearly).
+    """
+    if open_backing or fmt not in _BACKING_FORMATS:
+        args = ["check", "-U", "--output=json", "-f", fmt, str(path)]
+    else:
+        spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": str(path)}}
+        args = ["check", "-U", "--output=json", "json:" + json.dumps(spec)]
+    proc = _run(args, timeout)
     if proc.returncode == 63:  # documented: "the image format does not support checks"
         return CheckResult(errors=0, leaks=0, supported=False)
     data = _parse_json(proc.stdout, "check") if proc.stdout.strip() else None

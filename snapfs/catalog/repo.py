@@ -10,8 +10,11 @@ problem becomes a ``Problem`` naming the file, and the broken VM, snapshot or di
 with ``error`` set so the mount can show it and answer EIO. Only a path that is not a
 repository at all raises ``RepositoryError``.
 
-Image facts are cached per process (``ImageCache``), keyed on the stat of every file of the
-backing chain: repository images never change once written, so a refresh of a large
+Each image file is probed once with ``qemu-img info`` (without its chain) and ``qemu-img
+check`` (a qcow2 whose tables point past the end of the file reads as zeros without any
+error; only check notices), the backing chain is walked here, and allocation comes from
+``qemu-img map`` through the chain. Facts are cached per process (``ImageCache``), keyed on
+the stat of the files: repository images never change once written, so a refresh of a large
 repository only runs ``qemu-img`` for new snapshots.
 """
 
@@ -22,7 +25,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -196,6 +199,12 @@ def _relative_file(value: Any, what: str) -> PurePosixPath:
 
 # --- image facts --------------------------------------------------------------------------
 
+# A chain deeper than this is treated as broken: qemu itself refuses much shorter loops, and
+# a repository with thousands of incremental snapshots on one base should be consolidated.
+MAX_CHAIN_DEPTH = 1000
+
+_Stamp = tuple[int, int, int, int]
+
 
 @dataclass(frozen=True)
 class ImageFacts:
@@ -210,63 +219,122 @@ class ImageFacts:
     chain: tuple[Path, ...]  # every file of the chain, top first
 
 
-def _stat_key(paths: Iterable[Path]) -> tuple[tuple[int, int, int, int], ...] | None:
-    keys = []
-    for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            return None
-        keys.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(keys)
+@dataclass(frozen=True)
+class _Header:
+    """Facts of one image file alone (its backing file is not opened)."""
+
+    info: qemu_img.ImageInfo
+    check_errors: int  # corruptions found by ``qemu-img check`` (0 for formats without checks)
 
 
-def probe_image(path: Path, fmt: str) -> ImageFacts:
-    """Run qemu-img on one image; ``QemuImgError`` says why it is unreadable."""
-    chain = qemu_img.info(path, fmt)
-    top = chain[0]
-    if any(image.corrupt for image in chain):
-        bad = next(image for image in chain if image.corrupt)
-        raise qemu_img.QemuImgError(f"{bad.filename}: image is marked corrupt")
-    files = [Path(os.path.normpath(path))]
-    for image in chain[:-1]:
-        if image.full_backing_filename:
-            files.append(Path(os.path.normpath(image.full_backing_filename)))
-    return ImageFacts(
-        format=top.format,
-        virtual_size=top.virtual_size,
-        allocated=qemu_img.allocated(path, fmt),
-        file_size=top.actual_size,
-        backing=files[1] if len(files) > 1 else None,
-        backing_as_written=top.backing_filename,
-        chain=tuple(files),
-    )
+def _stamp(path: Path) -> _Stamp | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class ImageCache:
-    """Facts of readable images, reused while no file of their chain changed. Thread-safe."""
+    """Facts of readable images, reused while their files are unchanged. Thread-safe.
 
-    def __init__(self) -> None:
+    Each image file is probed once (``qemu-img info`` without its chain, and ``qemu-img
+    check``), so loading N incremental snapshots of a disk costs O(N) qemu-img runs, not
+    O(N^2); the chain is walked here, which also gives clear messages for missing and
+    looping backing files (qemu only notices a loop when the names are identical).
+    """
+
+    def __init__(self, *, check: bool = True) -> None:
+        self.check = check
         self._lock = threading.Lock()
-        self._entries: dict[tuple[Path, str], tuple[Any, ImageFacts]] = {}
-
-    def facts(self, path: Path, fmt: str) -> ImageFacts:
-        key = (path, fmt)
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None:
-            stamp, facts = entry
-            if stamp is not None and _stat_key(facts.chain) == stamp:
-                return facts
-        facts = probe_image(path, fmt)
-        # Stat after probing: a file that changed meanwhile gets a new stamp next time.
-        with self._lock:
-            self._entries[key] = (_stat_key(facts.chain), facts)
-        return facts
+        self._headers: dict[tuple[Path, str], tuple[_Stamp, _Header]] = {}
+        self._allocated: dict[tuple[Path, str], tuple[tuple[_Stamp | None, ...], int]] = {}
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._headers.clear()
+            self._allocated.clear()
+
+    def header(self, path: Path, fmt: str) -> _Header:
+        key = (path, fmt)
+        stamp = _stamp(path)
+        with self._lock:
+            entry = self._headers.get(key)
+        if entry is not None and stamp is not None and entry[0] == stamp:
+            return entry[1]
+        (info,) = qemu_img.info(path, fmt, chain=False)
+        errors = 0
+        if self.check:
+            result = qemu_img.check(path, fmt, open_backing=False)
+            errors = result.errors
+        header = _Header(info, errors)
+        if stamp is not None:
+            with self._lock:
+                self._headers[key] = (stamp, header)
+        return header
+
+    def facts(self, path: Path, fmt: str) -> ImageFacts:
+        """Facts of ``path`` and its chain; ``QemuImgError`` says why it is unreadable."""
+        path = Path(os.path.normpath(path))
+        files = [path]
+        seen = {os.path.realpath(path)}
+        current, current_fmt = path, fmt
+        top: _Header | None = None
+        while True:
+            header = self.header(current, current_fmt)
+            if header.info.corrupt or header.check_errors:
+                what = (
+                    "is marked corrupt"
+                    if header.info.corrupt
+                    else (f"is corrupt (qemu-img check found {header.check_errors} error(s))")
+                )
+                where = "image" if current == path else f"backing file {current}"
+                raise qemu_img.QemuImgError(f"{where} {what}")
+            top = top or header
+            written = header.info.backing_filename
+            if not written:
+                break
+            backing = Path(os.path.normpath(current.parent / written))
+            if not backing.exists():
+                raise qemu_img.QemuImgError(
+                    f"backing file {written} of {current.name} is missing ({backing})"
+                )
+            real = os.path.realpath(backing)
+            if real in seen or len(files) >= MAX_CHAIN_DEPTH:
+                names = " -> ".join(str(f) for f in [*files, backing])
+                raise qemu_img.QemuImgError(f"backing chain loops: {names}")
+            seen.add(real)
+            files.append(backing)
+            # An image without a recorded backing format is probed, as qemu itself would.
+            current_fmt = header.info.backing_format or qemu_img.probe_format(backing)
+            current = backing
+        chain = tuple(files)
+        return ImageFacts(
+            format=top.info.format,
+            virtual_size=top.info.virtual_size,
+            allocated=self._allocated_bytes(path, fmt, chain),
+            file_size=top.info.actual_size,
+            backing=chain[1] if len(chain) > 1 else None,
+            backing_as_written=top.info.backing_filename,
+            chain=chain,
+        )
+
+    def _allocated_bytes(self, path: Path, fmt: str, chain: tuple[Path, ...]) -> int:
+        key = (path, fmt)
+        stamps = tuple(_stamp(p) for p in chain)
+        with self._lock:
+            entry = self._allocated.get(key)
+        if entry is not None and None not in stamps and entry[0] == stamps:
+            return entry[1]
+        value = qemu_img.allocated(path, fmt)
+        with self._lock:
+            self._allocated[key] = (stamps, value)
+        return value
+
+
+def probe_image(path: Path, fmt: str) -> ImageFacts:
+    """Facts of one image, without caching; ``QemuImgError`` says why it is unreadable."""
+    return ImageCache().facts(path, fmt)
 
 
 _default_cache = ImageCache()
