@@ -303,9 +303,9 @@ def ls_command(directory: Path, as_json: bool) -> None:
         width = None if sys.stdout.isatty() else 240
         Console(width=width).print(catalog_table(catalog))
         if catalog.problems:
-            err = Console(stderr=True, highlight=False)
-            err.print(f"[bold red]{len(catalog.problems)} problem(s):[/]")
+            # Plain lines, never folded: users grep and copy these paths.
+            click.secho(f"{len(catalog.problems)} problem(s):", err=True, fg="red", bold=True)
             for problem in catalog.problems:
-                err.print(f"  {problem}", markup=False)
+                click.echo(f"  {problem}", err=True)
     if catalog.problems:
         click.get_current_context().exit(1)
