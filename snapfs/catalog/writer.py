@@ -179,6 +179,8 @@ def _read_json_or_none(path: Path) -> dict[str, Any] | None:
 
 def _find_vm(root: Path, vm_name: str) -> _VmState | None:
     vms_dir = root / repo.VMS_DIR
+    if not vms_dir.is_dir():
+        raise SnapfsUserError(f"{vms_dir}: missing; is {root} a complete repository?")
     matches = []
     for vm_dir in sorted(vms_dir.iterdir()):
         if vm_dir.name.startswith(".") or not vm_dir.is_dir():
