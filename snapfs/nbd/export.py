@@ -260,7 +260,7 @@ class ExportManager:
     async def reap_idle(self) -> None:
         """Stop servers nobody used for ``idle_timeout`` seconds (runs until cancelled)."""
         while True:
-            await trio.sleep(REAP_INTERVAL_S)
+            await trio.sleep(min(REAP_INTERVAL_S, self.settings.idle_timeout / 2))
             now = time.monotonic()
             for export in self.exports:
                 if export.idle and now - export.last_used >= self.settings.idle_timeout:

@@ -189,3 +189,33 @@ def test_inodes_stable_across_remount(sample_repo: SampleRepository, tmp_path: P
         second = inodes(m.path)
     assert first == second
     assert len(set(first.values())) == len(first)
+
+
+def test_idle_server_stops_and_restarts(sample_repo: SampleRepository, tmp_path: Path) -> None:
+    import time
+
+    config = tmp_path / "config.toml"
+    config.write_text("[nbd]\nidle_timeout = 1\n")
+    with mounted(sample_repo.path, tmp_path / "m", "--config", str(config)) as m:
+        img = snapshot_dirs(m.path, "db-01")[1] / "disks" / "vda.img"
+        with open(img, "rb") as f:
+            head = f.read(4096)
+            assert len(m.server_pids()) == 1
+            time.sleep(2.5)
+            assert len(m.server_pids()) == 1, "a server with an open file must stay up"
+        deadline = time.monotonic() + 15
+        while m.server_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert m.server_pids() == []
+        assert "stopping idle server" in m.log_text()
+        # Reading again (past the page cache) starts it again.
+        fd = os.open(img, os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+
+            buf = mmap.mmap(-1, 4096)
+            assert os.preadv(fd, [buf], 0) == 4096
+            assert bytes(buf) == head
+            assert len(m.server_pids()) == 1
+        finally:
+            os.close(fd)
