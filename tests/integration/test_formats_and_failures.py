@@ -206,7 +206,7 @@ def _start_daemon(source: Path, mnt: Path) -> subprocess.Popen[bytes]:
     from tests.fusemount import Mounted, wait_for_mount
 
     mnt.mkdir(exist_ok=True)
-    log = open(mnt.parent / "daemon.log", "ab")  # noqa: SIM115
+    log = open(mnt.parent / "daemon.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapfs", "mount", "-f", str(source), str(mnt)],
         stdout=log,
