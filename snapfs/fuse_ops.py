@@ -22,13 +22,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from snapfs.errors import IsADirectory, NotADirectory, ReadOnly, SnapfsError, to_errno
-from snapfs.vfs import Attrs, Dir, File, Node, OpenFile, Symlink, Tree
+from snapfs.errors import IsADirectory, NotADirectory, SnapfsError, to_errno
+from snapfs.vfs import AttrChanges, Attrs, Caller, Dir, File, Node, OpenFile, Tree
 
 log = logging.getLogger(__name__)
-
-# Snapshot data never changes while mounted: let the kernel cache names and attributes long.
-CACHE_TIMEOUT_S = 3600.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,12 +59,12 @@ def errno_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-def entry_attributes(attrs: Attrs, timeout: float = CACHE_TIMEOUT_S) -> pyfuse3.EntryAttributes:
+def entry_attributes(attrs: Attrs) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = attrs.ino
     entry.generation = 0
-    entry.entry_timeout = timeout
-    entry.attr_timeout = timeout
+    entry.entry_timeout = attrs.ttl
+    entry.attr_timeout = attrs.ttl
     entry.st_mode = attrs.mode
     entry.st_nlink = attrs.nlink
     entry.st_uid = attrs.uid
@@ -119,10 +116,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @errno_boundary
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        node = self.tree.get(inode)
-        if not isinstance(node, Symlink):
-            raise SnapfsError("not a symlink", errno=errno.EINVAL)
-        return node.target
+        return await self.tree.get(inode).readlink()
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Nodes are never dropped while mounted (their inodes are derived, not counted).
@@ -207,40 +201,67 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @errno_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        self.tree.get(inode)
-        raise SnapfsError("no such attribute", errno=errno.ENODATA)
+        return await self.tree.get(inode).getxattr(name)
 
     @errno_boundary
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        self.tree.get(inode)
-        return []
+        return await self.tree.get(inode).listxattr()
 
-    # -- everything that would change the tree: read-only ------------------------------
+    # -- changes: the node decides (read-only nodes answer EROFS) ------------------------
+    def _dir(self, inode: int) -> Dir:
+        node = self.tree.get(inode)
+        if not isinstance(node, Dir):
+            raise NotADirectory("not a directory")
+        return node
+
+    @staticmethod
+    def _caller(ctx: Any) -> Caller:
+        if ctx is None:
+            return Caller(os.getuid(), os.getgid())
+        return Caller(ctx.uid, ctx.gid, ctx.umask)
+
     @errno_boundary
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        raise ReadOnly("read-only")
+        changes = AttrChanges(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return entry_attributes(await self.tree.get(inode).setattr(changes))
 
     @errno_boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise ReadOnly("read-only")
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = await self._dir(parent_inode).mknod(name, mode, rdev, self._caller(ctx))
+        return await self._entry(node)
 
     @errno_boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        raise ReadOnly("read-only")
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = await self._dir(parent_inode).mkdir(name, mode, self._caller(ctx))
+        return await self._entry(node)
 
     @errno_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        raise ReadOnly("read-only")
+        await self._dir(parent_inode).unlink(name)
 
     @errno_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        raise ReadOnly("read-only")
+        await self._dir(parent_inode).rmdir(name)
 
     @errno_boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        raise ReadOnly("read-only")
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = await self._dir(parent_inode).symlink(name, target, self._caller(ctx))
+        return await self._entry(node)
 
     @errno_boundary
     async def rename(
@@ -252,20 +273,29 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         flags: int,
         ctx: Any,
     ) -> None:
-        raise ReadOnly("read-only")
+        new_parent = self._dir(parent_inode_new)
+        await self._dir(parent_inode_old).rename(name_old, new_parent, name_new, flags)
 
     @errno_boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        raise ReadOnly("read-only")
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = await self._dir(new_parent_inode).link(new_name, self.tree.get(inode))
+        return await self._entry(node)
 
     @errno_boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        raise ReadOnly("read-only")
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, handle = await self._dir(parent_inode).create(name, mode, flags, self._caller(ctx))
+        fh = next(self._fh_counter)
+        self._open_files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache), await self._entry(node)
 
     @errno_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise ReadOnly("read-only")
+        await self.tree.get(inode).setxattr(name, value)
 
     @errno_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise ReadOnly("read-only")
+        await self.tree.get(inode).removexattr(name)

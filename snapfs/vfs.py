@@ -15,6 +15,7 @@ which keep blocking calls off the loop.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,6 +61,21 @@ class Attrs(NamedTuple):
     gid: int = 0
     rdev: int = 0
     blksize: int = 4096
+    # How long the kernel may cache this entry and its attributes: snapshot data never
+    # changes while mounted; writable parts (restore disks) use a short time.
+    ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class AttrChanges:
+    """What a setattr (chmod, chown, truncate, utimens) asks to change; None: unchanged."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
 
 
 def derive_inode(parent: int, name: bytes) -> int:
@@ -100,6 +117,35 @@ class Node:
 
     async def getattr(self) -> Attrs:
         raise NotImplementedError
+
+    # Changes: the read-only default. Writable nodes (restore disks, their guest files)
+    # override what they support.
+    async def setattr(self, changes: AttrChanges) -> Attrs:
+        raise ReadOnly("read-only")
+
+    async def listxattr(self) -> list[bytes]:
+        return []
+
+    async def readlink(self) -> bytes:
+        raise SnapfsError("not a symlink", errno=errno.EINVAL)
+
+    async def getxattr(self, name: bytes) -> bytes:
+        raise SnapfsError("no such attribute", errno=errno.ENODATA)
+
+    async def setxattr(self, name: bytes, value: bytes) -> None:
+        raise ReadOnly("read-only")
+
+    async def removexattr(self, name: bytes) -> None:
+        raise ReadOnly("read-only")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks for a new node: its owner."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
 
 
 class Tree:
@@ -189,6 +235,32 @@ class Dir(Node):
 
     async def entries(self) -> list[Node]:
         return list((await self.children()).values())
+
+    async def mkdir(self, name: bytes, mode: int, caller: Caller) -> Node:
+        raise ReadOnly("read-only")
+
+    async def create(
+        self, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[Node, OpenFile]:
+        raise ReadOnly("read-only")
+
+    async def mknod(self, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        raise ReadOnly("read-only")
+
+    async def symlink(self, name: bytes, target: bytes, caller: Caller) -> Node:
+        raise ReadOnly("read-only")
+
+    async def link(self, name: bytes, target: Node) -> Node:
+        raise ReadOnly("read-only")
+
+    async def unlink(self, name: bytes) -> None:
+        raise ReadOnly("read-only")
+
+    async def rmdir(self, name: bytes) -> None:
+        raise ReadOnly("read-only")
+
+    async def rename(self, name: bytes, new_parent: Dir, new_name: bytes, flags: int) -> None:
+        raise ReadOnly("read-only")
 
     async def getattr(self) -> Attrs:
         return Attrs(
@@ -361,6 +433,9 @@ class Symlink(Node):
         self.target = target
         self.mtime_ns = mtime_ns
         tree.register(self)
+
+    async def readlink(self) -> bytes:
+        return self.target
 
     async def getattr(self) -> Attrs:
         return Attrs(
