@@ -43,6 +43,8 @@ _RESERVED_INODES = 1 << 16
 # Names the snapshot directory itself uses; captured configuration files never take them.
 SNAPSHOT_META = "snapshot.json"
 VM_META = "vm.json"
+# The root's own entries; a VM of that name is shown as "<name>~<vm id>".
+RESERVED_ROOT_NAMES = frozenset({"restore"})
 RESERVED_SNAPSHOT_NAMES = frozenset({SNAPSHOT_META, "disks", "files", "volumes"})
 
 
@@ -93,10 +95,14 @@ def clean_name(name: str) -> str:
     return cleaned
 
 
-def unique_names(items: Sequence[tuple[str, str]]) -> list[str]:
-    """Clean and de-duplicate (name, stable id) pairs: a repeated name gets ``~<id>``."""
+def unique_names(
+    items: Sequence[tuple[str, str]], reserved: frozenset[str] = frozenset()
+) -> list[str]:
+    """Clean and de-duplicate (name, stable id) pairs: a repeated name gets ``~<id>``.
+
+    A name in ``reserved`` (used by the tree itself) always gets the suffix."""
     cleaned = [clean_name(name) for name, _ in items]
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = dict.fromkeys(reserved, 1)
     for name in cleaned:
         seen[name] = seen.get(name, 0) + 1
     result = []
@@ -148,6 +154,12 @@ class Caller:
     umask: int = 0o022
 
 
+def _same_path(a: Node, b: Node) -> bool:
+    parent_a = a.parent.ino if a.parent else None
+    parent_b = b.parent.ino if b.parent else None
+    return a.name == b.name and parent_a == parent_b
+
+
 class Tree:
     """The inode table and the context nodes need (owner, exports)."""
 
@@ -160,8 +172,9 @@ class Tree:
 
     def register(self, node: Node) -> Node:
         existing = self.nodes.get(node.ino)
-        if existing is not None and existing is not node:
+        if existing is not None and existing is not node and not _same_path(existing, node):
             raise SnapfsError(f"inode collision on {node.ino}: {node.name!r}")
+        # The same path again (a restore disk re-listed) replaces the older node.
         self.nodes[node.ino] = node
         return node
 
@@ -502,6 +515,7 @@ def build_tree(
     uid: int | None = None,
     gid: int | None = None,
     snapshot_hook: Callable[[Tree, Dir, Vm, Snapshot], None] | None = None,
+    root_hook: Callable[[Tree, Dir], None] | None = None,
 ) -> tuple[Tree, Dir]:
     """The whole read-only backup tree for ``catalog`` (see docs/layout.md)."""
     tree = Tree(
@@ -510,7 +524,7 @@ def build_tree(
         gid=os.getgid() if gid is None else gid,
     )
     root = Dir(tree, ROOT_INODE, b"", None, static=True)
-    vm_names = unique_names([(vm.name, vm.id) for vm in catalog.vms])
+    vm_names = unique_names([(vm.name, vm.id) for vm in catalog.vms], RESERVED_ROOT_NAMES)
     for vm, vm_name in zip(catalog.vms, vm_names, strict=True):
         newest = vm.latest()
         vm_mtime = _ns(newest.created) if newest else tree.mounted_ns
@@ -552,6 +566,8 @@ def build_tree(
         if newest is not None:
             target = snap_names[snaps.index(newest)]
             vm_dir.add(Symlink(tree, vm_dir, "latest", f"snapshots/{target}".encode(), vm_mtime))
+    if root_hook is not None:
+        root_hook(tree, root)
     return tree, root
 
 

@@ -18,6 +18,7 @@ status query) runs in worker threads; reads and writes use libnbd AIO on the loo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import time
@@ -27,7 +28,7 @@ import nbd
 import trio
 
 from snapfs.config import NbdSettings
-from snapfs.errors import BackendUnavailable
+from snapfs.errors import BackendUnavailable, SnapfsError
 from snapfs.nbd.client import ConnectionLost, NbdConnection
 from snapfs.nbd.extents import ExtentMap, query_extents
 from snapfs.nbd.server import QemuNbdServer, ServerSpec
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 32 << 20
 # After a failed (re)start, fail reads without retrying for this long.
 RETRY_AFTER_S = 30.0
+# Write-zeroes requests are split below the protocol's 32-bit length.
+_ZERO_CHUNK = 1 << 30
 # How often the reaper looks for idle exports.
 REAP_INTERVAL_S = 5.0
 
@@ -156,6 +159,14 @@ class DiskExport:
     async def _teardown(self) -> None:
         conns, self._conns = self._conns, []
         with trio.CancelScope(shield=True):
+            if not self.readonly:
+                # What was written must be on disk before the server goes away.
+                for conn in conns:
+                    if conn.dead is None and conn.can_flush:
+                        try:
+                            await conn.flush()
+                        except Exception as exc:
+                            log.error("flush of %s before stopping failed: %s", self.image, exc)
             for conn in conns:
                 await conn.close()
             if self._server is not None:
@@ -223,6 +234,25 @@ class DiskExport:
         finally:
             self._in_flight -= 1
         return len(data)
+
+    async def zero(self, offset: int, count: int) -> None:
+        """Make ``count`` bytes at ``offset`` read as zeros (NBD write-zeroes, trimming)."""
+        await self.ensure_running()
+        conn = self._pick()
+        if not conn.can_zero:
+            raise SnapfsError("the server cannot write zeroes", errno=errno.EOPNOTSUPP)
+        end = offset + count
+        self._in_flight += 1
+        try:
+            while offset < end:
+                step = min(end - offset, _ZERO_CHUNK)
+                await conn.zero(step, offset)
+                offset += step
+        except ConnectionLost as exc:
+            await self._io_failed(exc)
+            raise
+        finally:
+            self._in_flight -= 1
 
     async def flush(self) -> None:
         if not self.running:
