@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import trio
 
+from snapfs.catalog.changes import extent_report
 from snapfs.catalog.model import Catalog, Disk, Snapshot, Vm
 from snapfs.errors import NotFound, ReadOnly, SnapfsError
 from snapfs.nbd.export import DiskExport, ExportManager
@@ -436,6 +437,39 @@ class DiskFile(File):
         return _DiskHandle(export)
 
 
+class ExtentMapFile(File):
+    """``disks/<disk>.extents.json``: allocated and changed extents (catalog.changes)."""
+
+    __slots__ = ("_data", "_lock", "disk", "snapshot")
+
+    def __init__(
+        self, tree: Tree, parent: Dir, name: str, snap: Snapshot, disk: Disk, mtime_ns: int
+    ) -> None:
+        encoded = name.encode()
+        super().__init__(tree, parent.child_ino(encoded), encoded, parent, mtime_ns=mtime_ns)
+        self.snapshot = snap
+        self.disk = disk
+        self._data: bytes | None = None
+        self._lock = trio.Lock()
+
+    async def _report(self) -> bytes:
+        # Computed once, on first use (qemu-img map of the chain), then kept: immutable.
+        async with self._lock:
+            if self._data is None:
+                if self.disk.error is not None:
+                    raise SnapfsError(f"{self.disk.path}: {self.disk.error}")
+                self._data = await trio.to_thread.run_sync(extent_report, self.snapshot, self.disk)
+            return self._data
+
+    async def getattr(self) -> Attrs:
+        return self._attrs(len(await self._report()))
+
+    async def open(self, writable: bool) -> OpenFile:
+        if writable:
+            raise ReadOnly("extent maps are read-only")
+        return _BytesHandle(await self._report())
+
+
 class Symlink(Node):
     __slots__ = ("mtime_ns", "target", "tree")
 
@@ -606,5 +640,8 @@ def _add_snapshot(
     disk_names = unique_names([(d.name, str(i)) for i, d in enumerate(snap.disks)])
     for disk, disk_name in zip(snap.disks, disk_names, strict=True):
         disks_dir.add(DiskFile(tree, disks_dir, f"{disk_name}.img", disk, mtime))
+        disks_dir.add(
+            ExtentMapFile(tree, disks_dir, f"{disk_name}.extents.json", snap, disk, mtime)
+        )
     if hook is not None:
         hook(tree, snap_dir, vm, snap)

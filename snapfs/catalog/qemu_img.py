@@ -70,6 +70,7 @@ class Extent:
     depth: int  # 0 is the top image, 1 its backing file, ...
     data: bool
     zero: bool
+    present: bool = True  # allocated in the image at ``depth`` (False: a hole)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def map_extents(path: Path, fmt: str, *, timeout: float = METADATA_TIMEOUT) -> l
                 depth=_int(item, "depth"),
                 data=bool(item.get("data", False)),
                 zero=bool(item.get("zero", False)),
+                present=bool(item.get("present", True)),
             )
         )
     return extents

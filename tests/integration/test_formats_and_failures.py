@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import signal
@@ -323,3 +324,33 @@ def test_bad_source_and_mountpoint_messages(tmp_path: Path) -> None:
     )
     assert res.returncode != 0 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_extent_maps_show_allocated_and_changed(formats_repo: Path, tmp_path: Path) -> None:
+    with mounted(formats_repo, tmp_path / "m") as m:
+        disks = m.path / "vm-qcow2" / "snapshots"
+        full = json.loads((disks / "full" / "disks" / "vda.extents.json").read_text())
+        inc0 = json.loads((disks / "inc0" / "disks" / "vda.extents.json").read_text())
+        inc1 = json.loads((disks / "inc1" / "disks" / "vda.extents.json").read_text())
+        assert full["parent"] is None and inc1["parent"] == inc0["snapshot"]
+        # The full snapshot: its data is what it changed; 3 MiB + 64 KiB in three regions.
+        assert full["allocated"] == full["changed"]
+        assert full["allocated"] == [
+            {"start": 0, "length": MiB},
+            {"start": 7 * MiB, "length": 2 * MiB},
+            {"start": 20 * MiB, "length": 64 * 1024},
+        ]
+        # inc0 wrote 8 KiB at 3 MiB: one 64 KiB cluster changed.
+        assert inc0["changed"] == [{"start": 3 * MiB, "length": 64 * 1024}]
+        # inc1 wrote 1 MiB at 7 MiB and 4 KiB at 23 MiB (a cluster), nothing else.
+        assert inc1["changed"] == [
+            {"start": 7 * MiB, "length": MiB},
+            {"start": 23 * MiB, "length": 64 * 1024},
+        ]
+        assert inc1["changed_bytes"] == MiB + 64 * 1024
+        img = disks / "inc1" / "disks" / "vda.img"
+        assert inc1["allocated_bytes"] == img.stat().st_blocks * 512
+        # Reading the changed extents of inc1 from the mount gives the new bytes.
+        with open(img, "rb") as f:
+            f.seek(7 * MiB)
+            assert f.read(MiB) == bytes([0x22]) * MiB
