@@ -80,6 +80,25 @@ class NbdConnection:
             raise BackendUnavailable(f"cannot connect to NBD server {path}: {exc}") from exc
         return cls(handle, path)
 
+    @classmethod
+    async def connect_uri(cls, uri: str, *, meta_contexts: tuple[str, ...] = ()) -> NbdConnection:
+        """Connect to an NBD URI (nbd://, nbds://, nbd+unix://; TLS settings in the query)."""
+
+        def connect() -> Any:
+            h = nbd.NBD()
+            # The URI comes from the user's own source file: let it name TLS key files.
+            h.set_uri_allow_local_file(True)
+            for ctx in meta_contexts:
+                h.add_meta_context(ctx)
+            h.connect_uri(uri)
+            return h
+
+        try:
+            handle = await trio.to_thread.run_sync(connect)
+        except nbd.Error as exc:
+            raise BackendUnavailable(f"cannot connect to {uri}: {exc}") from exc
+        return cls(handle, uri)
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)

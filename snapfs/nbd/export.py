@@ -56,10 +56,13 @@ class DiskExport:
         fmt: str,
         *,
         readonly: bool = True,
+        uri: str | None = None,
     ) -> None:
         self._manager = manager
         self.key = key
         self.image = image
+        # An export of someone else's NBD server (a source listing NBD URIs): no qemu-nbd.
+        self.uri = uri
         self.format = fmt
         self.readonly = readonly
         self.socket_path = manager.runtime_dir / f"{key}.sock"
@@ -77,7 +80,11 @@ class DiskExport:
     # -- lifecycle -------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return bool(self._conns) and self._server is not None and self._server.running
+        if not self._conns:
+            return False
+        if self.uri is not None:
+            return any(c.dead is None for c in self._conns)
+        return self._server is not None and self._server.running
 
     async def acquire(self) -> None:
         """Register a user (an open file, an appliance) and make sure the server is up."""
@@ -113,25 +120,32 @@ class DiskExport:
             self._failed_at = None
             self._failure = None
 
+    async def _connect(self, meta_contexts: tuple[str, ...] = ()) -> NbdConnection:
+        if self.uri is not None:
+            return await NbdConnection.connect_uri(self.uri, meta_contexts=meta_contexts)
+        return await NbdConnection.connect_unix(str(self.socket_path), meta_contexts=meta_contexts)
+
     async def _start(self) -> None:
         settings = self._manager.settings
-        server = QemuNbdServer(
-            ServerSpec(
-                image=self.image,
-                format=self.format,
-                socket_path=self.socket_path,
-                readonly=self.readonly,
-                discard=not self.readonly,
-            )
-        )
-        self._server = server
         started = time.monotonic()
-        await server.start()
-        try:
-            first = await NbdConnection.connect_unix(
-                str(self.socket_path), meta_contexts=(nbd.CONTEXT_BASE_ALLOCATION,)
+        server: QemuNbdServer | None = None
+        if self.uri is None:
+            server = QemuNbdServer(
+                ServerSpec(
+                    image=self.image,
+                    format=self.format,
+                    socket_path=self.socket_path,
+                    readonly=self.readonly,
+                    discard=not self.readonly,
+                )
             )
+            self._server = server
+            await server.start()
+        try:
+            first = await self._connect((nbd.CONTEXT_BASE_ALLOCATION,))
         except BackendUnavailable as exc:
+            if server is None:
+                raise
             reason = server.failure_reason()
             await server.stop()
             raise BackendUnavailable(f"{exc}; {reason}") from exc
@@ -139,7 +153,7 @@ class DiskExport:
         # A writable export without multi-conn consistency must use one connection.
         count = settings.connections if (self.readonly or first.can_multi_conn) else 1
         for _ in range(count - 1):
-            conns.append(await NbdConnection.connect_unix(str(self.socket_path)))
+            conns.append(await self._connect())
         if self.extents is None and self.readonly:
             # Snapshot data is immutable: one block-status pass serves for the whole mount.
             self.extents = await trio.to_thread.run_sync(query_extents, first.handle, first.size)
@@ -149,7 +163,7 @@ class DiskExport:
         self._conns = conns
         log.info(
             "serving %s (%s, %d bytes, %d connections) in %.2f s",
-            self.image,
+            self.uri or self.image,
             self.format,
             first.size,
             len(conns),
@@ -280,6 +294,15 @@ class ExportManager:
         export = self._exports.get(key)
         if export is None:
             export = DiskExport(self, key, image, fmt, readonly=readonly)
+            self._exports[key] = export
+        return export
+
+    def export_for_uri(self, uri: str) -> DiskExport:
+        """The export of an NBD server somebody else runs (read-only use)."""
+        key = hashlib.sha256(f"uri\0{uri}".encode()).hexdigest()[:16]
+        export = self._exports.get(key)
+        if export is None:
+            export = DiskExport(self, key, Path(uri), "raw", readonly=True, uri=uri)
             self._exports[key] = export
         return export
 

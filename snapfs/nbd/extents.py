@@ -71,21 +71,20 @@ class ExtentMap:
                 pos = end
 
 
-def query_extents(handle: Any, size: int) -> ExtentMap:
-    """Build the map from ``base:allocation`` on a connected handle (blocking)."""
-    if not handle.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
-        return ExtentMap(size, [(0, size)])
-    data: list[tuple[int, int]] = []
+def query_context(handle: Any, size: int, context: str) -> list[tuple[int, int, int]]:
+    """All (start, length, flags) extents of ``context`` over the export (blocking)."""
+    result: list[tuple[int, int, int]] = []
     pos = 0
 
     def collect(metacontext: str, offset: int, entries: list[int], error: Any) -> int:
         nonlocal pos
-        if metacontext != nbd.CONTEXT_BASE_ALLOCATION:
+        if metacontext != context:
             return 0
         at = offset
         for length, flags in zip(entries[0::2], entries[1::2], strict=True):
-            if not flags & nbd.STATE_ZERO:
-                data.append((at, min(at + length, size)))
+            end = min(at + length, size)
+            if end > at:
+                result.append((at, end - at, flags))
             at += length
         pos = max(pos, at)
         return 0
@@ -94,6 +93,22 @@ def query_extents(handle: Any, size: int) -> ExtentMap:
         before = pos
         handle.block_status(min(_QUERY_CHUNK, size - pos), pos, collect)
         if pos <= before:  # a server that answers nothing would loop forever
-            data.append((before, size))
-            break
-    return ExtentMap(size, data)
+            raise RuntimeError(f"no block status for {context} at offset {pos}")
+    return result
+
+
+def query_extents(handle: Any, size: int) -> ExtentMap:
+    """Build the map from ``base:allocation`` on a connected handle (blocking)."""
+    if not handle.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        return ExtentMap(size, [(0, size)])
+    extents = query_context(handle, size, nbd.CONTEXT_BASE_ALLOCATION)
+    return ExtentMap(size, [(s, s + n) for s, n, flags in extents if not flags & nbd.STATE_ZERO])
+
+
+def dirty_ranges(handle: Any, size: int, bitmap: str) -> list[tuple[int, int]]:
+    """(start, length) ranges a ``qemu:dirty-bitmap:`` context marks dirty (blocking)."""
+    context = bitmap if bitmap.startswith("qemu:") else f"qemu:dirty-bitmap:{bitmap}"
+    if not handle.can_meta_context(context):
+        raise RuntimeError(f"the server does not offer {context}")
+    # Bit 0 of a dirty-bitmap context's flags means dirty.
+    return [(s, n) for s, n, flags in query_context(handle, size, context) if flags & 1]
