@@ -1,7 +1,8 @@
 """Which kind of backup source a SOURCE argument names, and loading its catalog.
 
-Today: a repository directory (``catalog.repo``). Later sources (libvirt URIs, NBD lists)
-plug in here. Blocking: call from a worker thread when on the trio loop.
+A repository directory (``catalog.repo``) or an NBD source file (``catalog.nbdlist``,
+``*.toml``). Later sources (libvirt URIs) plug in here. Blocking: call from a worker
+thread when on the trio loop.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from snapfs.catalog.model import Catalog
+from snapfs.catalog.nbdlist import is_nbd_source, load_nbd_source
 from snapfs.catalog.repo import is_repository, load_repository
 from snapfs.errors import SnapfsUserError
+from snapfs.nbd.probe import probe_uris
 
 
 def check_source(source: str) -> None:
@@ -18,6 +21,8 @@ def check_source(source: str) -> None:
     path = Path(source)
     if not path.exists():
         raise SnapfsUserError(f"{source}: no such file or directory")
+    if is_nbd_source(path):
+        return
     if not is_repository(path):
         raise SnapfsUserError(
             f"{source}: not a snapfs repository (create one with 'snapfs repo init {source}')"
@@ -26,4 +31,13 @@ def check_source(source: str) -> None:
 
 def load_source(source: str) -> Catalog:
     check_source(source)
-    return load_repository(Path(source))
+    path = Path(source)
+    if is_nbd_source(path):
+        return load_nbd_source(path, probe_uris)
+    return load_repository(path)
+
+
+def repository_of(source: str) -> Path | None:
+    """The repository directory behind SOURCE, if it is one (restore disks live there)."""
+    path = Path(source)
+    return path.resolve() if is_repository(path) else None

@@ -29,10 +29,11 @@ from typing import NamedTuple
 
 import trio
 
-from snapfs.catalog.changes import extent_report
+from snapfs.catalog.changes import extent_report, render_report
 from snapfs.catalog.model import Catalog, Disk, Snapshot, Vm
 from snapfs.errors import NotFound, ReadOnly, SnapfsError
 from snapfs.nbd.export import DiskExport, ExportManager
+from snapfs.nbd.probe import read_changes
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,8 @@ class DiskFile(File):
 
     def export(self) -> DiskExport:
         assert self.tree.exports is not None
+        if self.disk.uri is not None:
+            return self.tree.exports.export_for_uri(self.disk.uri)
         return self.tree.exports.export_for(self.disk.path, self.disk.format)
 
     async def getattr(self) -> Attrs:
@@ -458,11 +461,27 @@ class ExtentMapFile(File):
             if self._data is None:
                 if self.disk.error is not None:
                     raise SnapfsError(f"{self.disk.path}: {self.disk.error}")
-                self._data = await trio.to_thread.run_sync(extent_report, self.snapshot, self.disk)
+                try:
+                    self._data = await trio.to_thread.run_sync(self._compute)
+                except (OSError, SnapfsError, RuntimeError) as exc:
+                    raise SnapfsError(f"extent map of {self.disk.path}: {exc}") from exc
             return self._data
 
+    def _compute(self) -> bytes:
+        disk = self.disk
+        if disk.uri is None:
+            return extent_report(self.snapshot, disk)
+        # An NBD source: allocation from block status, changes from its dirty bitmap.
+        _size, allocated, dirty = read_changes(disk.uri, disk.dirty_bitmap)
+        return render_report(self.snapshot, disk, allocated, dirty, parent=None)
+
     async def getattr(self) -> Attrs:
-        return self._attrs(len(await self._report()))
+        try:
+            return self._attrs(len(await self._report()))
+        except SnapfsError:
+            # Listed all the same (a listing must not fail for one broken file); reading it
+            # fails with the reason.
+            return self._attrs(0)._replace(ttl=1.0)
 
     async def open(self, writable: bool) -> OpenFile:
         if writable:

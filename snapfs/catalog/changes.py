@@ -32,20 +32,38 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[dict[str, int]]:
     return [{"start": s, "length": n} for s, n in merged]
 
 
-def extent_report(snap: Snapshot, disk: Disk) -> bytes:
-    """The JSON report for one snapshot disk."""
-    extents = qemu_img.map_extents(disk.path, disk.format)
-    allocated = merge_ranges((e.start, e.length) for e in extents if e.data)
-    # Present in the snapshot's own image (depth 0): written since the parent, data or zeros.
-    changed = merge_ranges((e.start, e.length) for e in extents if e.depth == 0 and e.present)
+def render_report(
+    snap: Snapshot,
+    disk: Disk,
+    allocated_ranges: Iterable[tuple[int, int]],
+    changed_ranges: Iterable[tuple[int, int]] | None,
+    *,
+    parent: str | None,
+) -> bytes:
+    """The JSON report; ``changed_ranges`` None when nothing says what changed."""
+    allocated = merge_ranges(allocated_ranges)
+    changed = None if changed_ranges is None else merge_ranges(changed_ranges)
     doc = {
         "disk": disk.name,
         "snapshot": snap.id,
-        "parent": snap.parent if disk.backing is not None else None,
+        "parent": parent,
         "virtual_size": disk.virtual_size,
         "allocated_bytes": sum(c["length"] for c in allocated),
-        "changed_bytes": sum(c["length"] for c in changed),
+        "changed_bytes": None if changed is None else sum(c["length"] for c in changed),
         "allocated": allocated,
         "changed": changed,
     }
     return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def extent_report(snap: Snapshot, disk: Disk) -> bytes:
+    """The report for a repository snapshot disk, from its qcow2 allocation."""
+    extents = qemu_img.map_extents(disk.path, disk.format)
+    # Present in the snapshot's own image (depth 0): written since the parent, data or zeros.
+    return render_report(
+        snap,
+        disk,
+        ((e.start, e.length) for e in extents if e.data),
+        ((e.start, e.length) for e in extents if e.depth == 0 and e.present),
+        parent=snap.parent if disk.backing is not None else None,
+    )

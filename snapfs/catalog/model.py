@@ -23,6 +23,8 @@ class Disk:
     file_size: int = 0  # bytes this image file takes on the host (actual-size)
     backing: Path | None = None  # absolute path of the backing file, if any
     error: str | None = None  # why this disk cannot be read, if it cannot
+    uri: str | None = None  # an NBD URI served by someone else (NBD sources); path is display only
+    dirty_bitmap: str | None = None  # NBD dirty-bitmap context naming what changed (NBD sources)
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,11 @@ class DiskExport:
             await server.stop()
             raise BackendUnavailable(f"{exc}; {reason}") from exc
         conns = [first]
-        # A writable export without multi-conn consistency must use one connection.
-        count = settings.connections if (self.readonly or first.can_multi_conn) else 1
+        # Extra connections only where they are safe and welcome: our own read-only
+        # qemu-nbd, or a server advertising multi-conn (another server may accept one
+        # client at a time, and a writer without multi-conn needs one connection).
+        ours_readonly = self.readonly and self.uri is None
+        count = settings.connections if (ours_readonly or first.can_multi_conn) else 1
         for _ in range(count - 1):
             conns.append(await self._connect())
         if self.extents is None and self.readonly:
