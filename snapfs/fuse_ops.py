@@ -169,7 +169,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return handle
 
     @errno_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         return await self._handle(fh).read(off, size)
 
     @errno_boundary

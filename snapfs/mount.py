@@ -39,6 +39,23 @@ async def _terminate_on_signals() -> None:
             pyfuse3.terminate()
 
 
+async def _after_init(
+    mountpoint: Path, settings: Settings, source: str, on_ready: Callable[[], None] | None
+) -> None:
+    """Tune the mount once the kernel has finished FUSE INIT, then report it ready."""
+    # A stat of the root is answered only after INIT; a read-ahead written before that is
+    # overwritten by the kernel with what libfuse negotiated (128 KiB).
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    if settings.nbd.read_ahead_kb > 0:
+        applied = await trio.to_thread.run_sync(
+            set_read_ahead, mountpoint, settings.nbd.read_ahead_kb
+        )
+        log.info("kernel read-ahead for this mount: %s KiB", applied)
+    log.info("mounted %s at %s (pid %d)", source, mountpoint, os.getpid())
+    if on_ready is not None:
+        on_ready()
+
+
 def fuse_options(source: str, *, allow_other: bool, debug: bool) -> set[str]:
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
@@ -85,14 +102,7 @@ async def serve(
             try:
                 nursery.start_soon(_terminate_on_signals)
                 nursery.start_soon(exports.reap_idle)
-                if settings.nbd.read_ahead_kb > 0:
-                    ok = await trio.to_thread.run_sync(
-                        set_read_ahead, mountpoint, settings.nbd.read_ahead_kb
-                    )
-                    log.debug("read-ahead %d KiB: %s", settings.nbd.read_ahead_kb, ok)
-                log.info("mounted %s at %s (pid %d)", source, mountpoint, os.getpid())
-                if on_ready is not None:
-                    on_ready()
+                nursery.start_soon(_after_init, mountpoint, settings, source, on_ready)
                 await pyfuse3.main()
             finally:
                 with trio.CancelScope(shield=True):

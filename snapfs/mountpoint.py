@@ -130,8 +130,9 @@ def daemon_pid(mountpoint: Path) -> int | None:
     return pid if b"snapfs" in cmdline else None
 
 
-def set_read_ahead(mountpoint: Path, kb: int) -> bool:
-    """Raise this mount's kernel read-ahead (bigger FUSE read requests); False if not allowed."""
+def set_read_ahead(mountpoint: Path, kb: int) -> int | None:
+    """Set this mount's kernel read-ahead (bigger FUSE read requests); the value now in force,
+    or None when the mount or its bdi cannot be found."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
@@ -139,8 +140,11 @@ def set_read_ahead(mountpoint: Path, kb: int) -> bool:
                 device = parts[2]
                 break
         else:
-            return False
+            return None
+    knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
     with contextlib.suppress(OSError):
-        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kb}\n")
-        return True
-    return False
+        knob.write_text(f"{kb}\n")
+    try:
+        return int(knob.read_text())
+    except (OSError, ValueError):
+        return None

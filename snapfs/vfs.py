@@ -298,7 +298,7 @@ class OpenFile:
 
     keep_cache = True
 
-    async def read(self, offset: int, size: int) -> bytes | bytearray:
+    async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -401,8 +401,9 @@ class _DiskHandle(OpenFile):
         self._export = export
         self._released = False
 
-    async def read(self, offset: int, size: int) -> bytes | bytearray:
-        return await self._export.read(offset, size)
+    async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
+        # Handed to the kernel on return, before any other task runs: a reused buffer is safe.
+        return await self._export.read_transient(offset, size)
 
     async def release(self) -> None:
         if not self._released:

@@ -37,12 +37,26 @@ log = logging.getLogger(__name__)
 
 # The NBD protocol lets servers refuse requests over 32 MiB (qemu-nbd's maximum).
 MAX_REQUEST = 32 << 20
+# Zeros for hole reads and for filling holes inside a read (FUSE reads are at most 1 MiB;
+# bigger internal reads fill in a loop).
+_ZEROS = memoryview(bytes(4 << 20))
+# Reusable read buffers per export, one per request size (FUSE uses a handful of sizes).
+_MAX_BUFFERS = 8
+# How often a running export checks that its server process is still alive (a server
+# that died while idle is then restarted before the read instead of failing it).
+_LIVENESS_INTERVAL_S = 1.0
 # After a failed (re)start, fail reads without retrying for this long.
 RETRY_AFTER_S = 30.0
 # Write-zeroes requests are split below the protocol's 32-bit length.
 _ZERO_CHUNK = 1 << 30
 # How often the reaper looks for idle exports.
 REAP_INTERVAL_S = 5.0
+
+
+def _zero_fill(view: memoryview) -> None:
+    for start in range(0, len(view), len(_ZEROS)):
+        chunk = view[start : start + len(_ZEROS)]
+        chunk[:] = _ZEROS[: len(chunk)]
 
 
 class DiskExport:
@@ -75,6 +89,8 @@ class DiskExport:
         self.last_used = time.monotonic()
         self._in_flight = 0
         self._failed_at: float | None = None
+        self._alive_checked = 0.0
+        self._buffers: dict[int, bytearray] = {}
         self._failure: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -84,7 +100,13 @@ class DiskExport:
             return False
         if self.uri is not None:
             return any(c.dead is None for c in self._conns)
-        return self._server is not None and self._server.running
+        now = time.monotonic()
+        if now - self._alive_checked < _LIVENESS_INTERVAL_S:
+            return True
+        # Polling the process costs a syscall: at most once a second.
+        alive = self._server is not None and self._server.running
+        self._alive_checked = now if alive else 0.0
+        return alive
 
     async def acquire(self) -> None:
         """Register a user (an open file, an appliance) and make sure the server is up."""
@@ -200,10 +222,15 @@ class DiskExport:
 
     # -- I/O -------------------------------------------------------------------------
     def _pick(self) -> NbdConnection:
-        live = [c for c in self._conns if c.dead is None]
-        if not live:
+        best: NbdConnection | None = None
+        for conn in self._conns:
+            if conn.dead is None and (best is None or conn.in_flight < best.in_flight):
+                best = conn
+                if not conn.in_flight:
+                    break
+        if best is None:
             raise ConnectionLost(f"{self.image}: no live NBD connection")
-        return min(live, key=lambda c: c.in_flight)
+        return best
 
     async def _io_failed(self, exc: BaseException) -> None:
         """A connection died: drop the server so that the next request starts a new one."""
@@ -211,33 +238,49 @@ class DiskExport:
         log.error("I/O on %s failed: %s (%s)", self.image, exc, reason)
         await self.stop()
 
-    async def read(self, offset: int, size: int) -> bytes | bytearray:
-        """Bytes of the disk at ``offset`` (short at the end of the disk)."""
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes of the disk at ``offset`` (short at the end of the disk); a fresh copy."""
+        return bytes(await self.read_transient(offset, size))
+
+    async def read_transient(self, offset: int, size: int) -> memoryview:
+        """Like ``read``, into a reused buffer: valid only until the caller next awaits.
+
+        For the FUSE read path, which hands the view to the kernel synchronously on return.
+        Reusing buffers avoids allocating and zeroing a fresh MiB per request (a third of the
+        daemon's time in sequential reads, measured).
+        """
         await self.ensure_running()
         assert self.size is not None
         if offset >= self.size or size <= 0:
-            return b""
+            return memoryview(b"")
         size = min(size, self.size - offset, MAX_REQUEST)
         self.last_used = time.monotonic()
         extents = self.extents
         if extents is None:
-            segments = [(offset, offset + size)]
+            segments = [(offset, offset + size, True)]
         else:
-            segments = [(s.start, s.end) for s in extents.segments(offset, size) if s.data]
-            if not segments:
-                return bytes(size)  # a hole: no round trip
-        buf = bytearray(size)
+            segments = [(s.start, s.end, s.data) for s in extents.segments(offset, size)]
+            if len(segments) == 1 and not segments[0][2] and size <= len(_ZEROS):
+                return _ZEROS[:size]  # a hole: no round trip, no copy
+        # Out of the pool while this read fills it; back in when done (below).
+        buf = self._buffers.pop(size, None) or bytearray(size)
         view = memoryview(buf)
         self._in_flight += 1
         try:
-            for start, end in segments:
-                await self._pick().pread_into(view[start - offset : end - offset], start)
+            for start, end, data in segments:
+                part = view[start - offset : end - offset]
+                if data:
+                    await self._pick().pread_into(part, start)
+                else:
+                    _zero_fill(part)
         except ConnectionLost as exc:
             await self._io_failed(exc)
             raise
         finally:
             self._in_flight -= 1
-        return buf
+            if len(self._buffers) < _MAX_BUFFERS:
+                self._buffers.setdefault(size, buf)
+        return view
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         await self.ensure_running()
