@@ -1,0 +1,607 @@
+"""GuestTree: the guest's files of one snapshot, as the VFS browses them.
+
+Owns discovery (filesystems, OS inspection, volume naming), the per-volume mounts inside the
+appliance, the per-directory metadata cache, the read caches and the extent-mapped fast path.
+
+Layout inside the appliance: nothing is mounted on the guest "/". Each volume N is mounted
+read-only, lazily, at /v/N (made with ``mkmountpoint``); the OS view (files/) is composed here
+from the inspection's mountpoints, not in the appliance, so each filesystem is mounted once and
+a file has the same inode number in files/ and volumes/.
+
+Caching: snapshot data is immutable, so every directory listing (stats, link targets, xattrs,
+extent maps) is cached forever, also across appliance restarts. One appliance round trip per
+directory: ``ls`` + ``lstatnslist`` + ``readlinklist`` + ``lxattrlist`` in one worker-thread job
+(lib/fuse.c's mount_local_readdir model), or one shell script when a name is not UTF-8.
+
+Thread rules: all methods are async on the trio loop; every libguestfs call goes through
+``GuestSession.call`` (worker thread, serialized per session). Cache dicts are only touched on
+the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat as stat_mod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from snapfs.errors import GuestfsError, IsADirectory, NotADirectory, NotFound, SnapfsError
+
+from . import extents as ext_mod
+from .model import DirEntry, Extent, GuestStat, ReadRaw, View, Volume, derive_ino
+from .session import GuestSession, LaunchState
+from .shell import (
+    STAT_FORMAT,
+    parse_getfattr,
+    parse_stat_record,
+    run_script,
+    script_error,
+    sh_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+# Appliance reads are fetched in aligned chunks of this size: a sequential reader's 128 KiB
+# FUSE requests then cost one appliance round trip per 2 MiB (the read-ahead), and 2 MiB stays
+# inside pread's 4 MiB protocol limit.
+CHUNK = 2 << 20
+# Chunks kept in memory across all files of the tree (64 MiB).
+_CHUNK_CACHE_MAX = 32
+# Filesystem types never offered as volumes (no files to browse).
+_NOT_BROWSABLE = frozenset({"swap", "unknown", "crypto_LUKS", "LVM2_member", "linux_raid_member"})
+
+
+@dataclass
+class _Dir:
+    """One directory's prefetched contents."""
+
+    entries: dict[bytes, GuestStat]
+    links: dict[bytes, bytes]
+    xattrs: dict[bytes, dict[bytes, bytes]]
+    # guest inode → extents (None: read through the appliance); None until fetched
+    extents: dict[int, list[Extent] | None] | None = None
+
+
+@dataclass
+class _Discovery:
+    devices: list[str]
+    volumes: list[Volume]
+    os_mounts: dict[bytes, Volume] | None
+    warnings: list[str] = field(default_factory=list)
+
+
+class GuestTree:
+    """Guest file access for one snapshot's session.
+
+    ``read_raw`` enables the fast path (None: every read goes through the appliance).
+    ``ino_salt`` makes inode numbers distinct between snapshots (pass the snapshot's id).
+    """
+
+    def __init__(
+        self,
+        session: GuestSession,
+        *,
+        read_raw: ReadRaw | None = None,
+        ino_salt: bytes = b"",
+        fast_path: bool = True,
+    ) -> None:
+        self.session = session
+        self.read_raw = read_raw
+        self.ino_salt = ino_salt
+        self.fast_path = fast_path and read_raw is not None
+        self._discovery: _Discovery | None = None
+        self._discover_lock = trio.Lock()
+        self._dirs: dict[tuple[int, bytes], _Dir] = {}
+        self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
+        self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
+        self._devmaps: dict[int, ext_mod.DeviceMap | None] = {}
+        self._chunks: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self.stats = {"mapped_reads": 0, "appliance_reads": 0, "dir_fetches": 0}
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    async def _discover(self) -> _Discovery:
+        if self._discovery is not None:
+            return self._discovery
+        async with self._discover_lock:
+            if self._discovery is None:
+                self._discovery = await self.session.call(self._discover_sync)
+        return self._discovery
+
+    def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
+        devices: list[str] = list(g.list_devices())
+        filesystems: dict[str, str] = g.list_filesystems()
+        names = [self.session.disk_name(i) for i in range(len(devices))]
+        volumes: list[Volume] = []
+        taken: set[str] = set()
+        for device, fstype in filesystems.items():
+            if fstype in _NOT_BROWSABLE:
+                log.info("guestfs %s: %s (%s) has no browsable filesystem",
+                         self.session.name, device, fstype)
+                continue
+            name = _volume_name(device, devices, names)
+            base, n = name, 2
+            while name in taken:
+                name, n = f"{base}~{n}", n + 1
+            taken.add(name)
+            volumes.append(Volume(name, device, fstype, len(volumes)))
+        by_device = {v.device: v for v in volumes}
+        os_mounts: dict[bytes, Volume] | None = None
+        # Inspection mounts and unmounts filesystems itself: it must run before our mounts.
+        roots = g.inspect_os()
+        if roots:
+            if len(roots) > 1:
+                log.warning("guestfs %s: %d operating systems found; files/ shows %s",
+                            self.session.name, len(roots), roots[0])
+            mps: dict[str, str] = g.inspect_get_mountpoints(roots[0])
+            os_mounts = {}
+            for mp, dev in mps.items():
+                vol = by_device.get(dev)
+                if vol is None:
+                    log.warning("guestfs %s: mountpoint %s: device %s not found",
+                                self.session.name, mp, dev)
+                    continue
+                os_mounts[mp.encode()] = vol
+            if b"/" not in os_mounts:
+                os_mounts = None
+        g.umount_all()
+        log.info(
+            "guestfs %s: %d volume(s): %s; %s", self.session.name, len(volumes),
+            ", ".join(f"{v.name}={v.device}({v.fstype})" for v in volumes),
+            "OS mountpoints " + ", ".join(
+                f"{mp.decode()}={v.name}" for mp, v in sorted(os_mounts.items())
+            ) if os_mounts else "no OS found",
+        )
+        return _Discovery(devices, volumes, os_mounts)
+
+    async def volumes(self) -> list[Volume]:
+        """Every browsable filesystem on the snapshot's disks (first call launches)."""
+        return list((await self._discover()).volumes)
+
+    async def os_mountpoints(self) -> dict[bytes, Volume] | None:
+        """The inspected OS's {guest mountpoint: volume}, or None when no OS was found."""
+        mounts = (await self._discover()).os_mounts
+        return dict(mounts) if mounts is not None else None
+
+    async def volume_view(self, name: str) -> View:
+        for vol in await self.volumes():
+            if vol.name == name:
+                return View(name, ((b"/", vol),))
+        raise NotFound(f"no volume {name!r}")
+
+    async def files_view(self) -> View | None:
+        """files/: the OS at its mountpoints; with no OS the single volume; else None."""
+        disc = await self._discover()
+        if disc.os_mounts:
+            mounts = sorted(disc.os_mounts.items(), key=lambda kv: (-len(kv[0]), kv[0]))
+            return View("files", tuple(mounts))
+        if len(disc.volumes) == 1:
+            return View("files", ((b"/", disc.volumes[0]),))
+        return None
+
+    # -- mounting ------------------------------------------------------------------------------
+
+    def _mount_sync(self, g: Any, state: LaunchState, vol: Volume) -> str:
+        """Mount ``vol`` at /v/N in this launch (once); its appliance path."""
+        mp = f"/v/{vol.index}"
+        if mp in state.mounted:
+            err = state.mounted[mp]
+            if err is not None:
+                raise GuestfsError(err, errno=errno.EIO)
+            return mp
+        if "/v" not in state.mounted:
+            g.mkmountpoint("/v")
+            state.mounted["/v"] = None
+        g.mkmountpoint(mp)
+        attempts = [("ro", vol.device)]
+        device = vol.device
+        if device.startswith("btrfsvol:"):
+            dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
+            attempts = [(f"ro,subvol={sub}", f"/dev/{dev}")]
+        elif vol.fstype.startswith("ext"):
+            attempts.append(("ro,noload", device))  # journal needing recovery
+        elif vol.fstype == "xfs":
+            attempts.append(("ro,norecovery", device))  # dirty log
+        errors = []
+        for options, dev in attempts:
+            try:
+                g.mount_options(options, dev, mp)
+                state.mounted[mp] = None
+                return mp
+            except RuntimeError as exc:
+                errors.append(f"{options}: {exc}")
+        message = (
+            f"guestfs {self.session.name}: cannot mount volume {vol.name} "
+            f"({vol.device}, {vol.fstype}): {'; '.join(errors)}"
+        )
+        log.error("%s", message)
+        state.mounted[mp] = message
+        raise GuestfsError(message, errno=errno.EIO)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def _stat(self, vol: Volume, fields: dict[str, int]) -> GuestStat:
+        return GuestStat(
+            ino=derive_ino(self.ino_salt, vol.name, fields["ino"]),
+            guest_ino=fields["ino"],
+            mode=fields["mode"],
+            nlink=fields["nlink"],
+            uid=fields["uid"],
+            gid=fields["gid"],
+            rdev=fields["rdev"],
+            size=fields["size"],
+            blocks=fields["blocks"],
+            blksize=fields.get("blksize", 4096),
+            atime_ns=fields["atime_ns"],
+            mtime_ns=fields["mtime_ns"],
+            ctime_ns=fields["ctime_ns"],
+        )
+
+    def _stat_from_statns(self, vol: Volume, st: dict[str, int]) -> GuestStat:
+        return self._stat(vol, {
+            "ino": st["st_ino"], "mode": st["st_mode"], "nlink": st["st_nlink"],
+            "uid": st["st_uid"], "gid": st["st_gid"], "rdev": st["st_rdev"],
+            "size": st["st_size"], "blocks": st["st_blocks"], "blksize": st["st_blksize"],
+            "atime_ns": st["st_atime_sec"] * 1_000_000_000 + st["st_atime_nsec"],
+            "mtime_ns": st["st_mtime_sec"] * 1_000_000_000 + st["st_mtime_nsec"],
+            "ctime_ns": st["st_ctime_sec"] * 1_000_000_000 + st["st_ctime_nsec"],
+        })
+
+    async def _root(self, vol: Volume) -> tuple[GuestStat, dict[bytes, bytes]]:
+        cached = self._roots.get(vol.index)
+        if cached is not None:
+            return cached
+
+        def fetch(g: Any, state: LaunchState) -> tuple[GuestStat, dict[bytes, bytes]]:
+            mp = self._mount_sync(g, state, vol)
+            st = self._stat_from_statns(vol, g.lstatns(mp))
+            xattrs = {x["attrname"].encode(): bytes(x["attrval"]) for x in g.lgetxattrs(mp)}
+            return st, xattrs
+
+        result = await self.session.call(fetch)
+        self._roots[vol.index] = result
+        return result
+
+    async def _dir(self, vol: Volume, vpath: bytes) -> _Dir:
+        """The cached listing of directory ``vpath`` of ``vol`` (fetched on first use)."""
+        key = (vol.index, vpath)
+        cached = self._dirs.get(key)
+        if cached is not None:
+            return cached
+        lock = self._dir_locks.setdefault(key, trio.Lock())
+        async with lock:
+            cached = self._dirs.get(key)
+            if cached is not None:
+                return cached
+            if vpath != b"/":
+                parent, name = _split(vpath)
+                st = (await self._dir(vol, parent)).entries.get(name)
+                if st is None:
+                    raise NotFound(f"{vol.name}:{vpath!r}: no such directory")
+                if not st.is_dir:
+                    raise NotADirectory(f"{vol.name}:{vpath!r}: not a directory")
+            listing = await self.session.call(lambda g, s: self._list_sync(g, s, vol, vpath))
+            self.stats["dir_fetches"] += 1
+            self._dirs[key] = listing
+            self._dir_locks.pop(key, None)
+            return listing
+
+    def _list_sync(self, g: Any, state: LaunchState, vol: Volume, vpath: bytes) -> _Dir:
+        mp = self._mount_sync(g, state, vol)
+        apath = mp.encode() + (b"" if vpath == b"/" else vpath)
+        try:
+            return self._list_api(g, vol, apath.decode())
+        except UnicodeError:
+            # A name, link target or xattr name that is not UTF-8: the binding cannot carry
+            # it; the shell can.
+            return self._list_shell(g, state, vol, apath)
+
+    def _list_api(self, g: Any, vol: Volume, apath: str) -> _Dir:
+        names: list[str] = g.ls(apath)
+        if not names:
+            return _Dir({}, {}, {})
+        stats = g.lstatnslist(apath, names)
+        entries = {
+            n.encode(): self._stat_from_statns(vol, st) for n, st in zip(names, stats, strict=True)
+        }
+        link_names = [n for n in names if stat_mod.S_ISLNK(entries[n.encode()].mode)]
+        links: dict[bytes, bytes] = {}
+        if link_names:
+            targets = g.readlinklist(apath, link_names)
+            links = {n.encode(): t.encode() for n, t in zip(link_names, targets, strict=True)}
+        xattrs: dict[bytes, dict[bytes, bytes]] = {}
+        flat = g.lxattrlist(apath, names)
+        # lxattrlist: per name a marker {attrname: "", attrval: "<count>\0"}, then its attrs.
+        i = 0
+        for n in names:
+            count = int(bytes(flat[i]["attrval"]).rstrip(b"\0") or b"0")
+            attrs = {
+                x["attrname"].encode(): bytes(x["attrval"]) for x in flat[i + 1 : i + 1 + count]
+            }
+            if attrs:
+                xattrs[n.encode()] = attrs
+            i += 1 + count
+        return _Dir(entries, links, xattrs)
+
+    def _list_shell(self, g: Any, state: LaunchState, vol: Volume, apath: bytes) -> _Dir:
+        script = "\n".join([
+            sh_bytes("D", b"/sysroot" + apath),
+            'cd -- "$D" || exit 3',
+            "printf '/S\\0'",
+            f"find . -mindepth 1 -maxdepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
+            "printf '/L\\0'",
+            "find . -mindepth 1 -maxdepth 1 -type l -printf '%f\\0%l\\0'",
+            "printf '/X\\0'",
+            "find . -mindepth 1 -maxdepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
+            "true",
+        ])
+        status, out = run_script(g, state, script)
+        if status != 0:
+            raise GuestfsError(f"listing {apath!r}: {script_error(g)}", errno=errno.EIO)
+        stat_part, _, rest = out.partition(b"/L\0")
+        link_part, _, xattr_part = rest.partition(b"/X\0")
+        entries: dict[bytes, GuestStat] = {}
+        for record in stat_part.removeprefix(b"/S\0").split(b"\0"):
+            if record:
+                name, fields = parse_stat_record(record)
+                entries[name.removeprefix(b"./")] = self._stat(vol, fields)
+        parts = link_part.split(b"\0")
+        links = {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
+        return _Dir(entries, links, parse_getfattr(xattr_part))
+
+    async def _locate(self, view: View, path: bytes) -> tuple[Volume, bytes]:
+        if not path.startswith(b"/"):
+            raise NotFound(f"relative path {path!r}")
+        path = b"/" + b"/".join(p for p in path.split(b"/") if p)
+        return view.resolve(path)
+
+    async def getattr(self, view: View, path: bytes) -> GuestStat:
+        """Metadata of guest path ``path`` (absolute, bytes) in ``view``."""
+        vol, vpath = await self._locate(view, path)
+        if vpath == b"/":
+            return (await self._root(vol))[0]
+        parent, name = _split(vpath)
+        st = (await self._dir(vol, parent)).entries.get(name)
+        if st is None:
+            raise NotFound(f"{view.name}:{path!r}: no such file")
+        return st
+
+    async def lookup(self, view: View, dir_path: bytes, name: bytes) -> GuestStat:
+        """Metadata of entry ``name`` of directory ``dir_path``."""
+        if b"/" in name or name in (b"", b".", b".."):
+            raise NotFound(f"bad name {name!r}")
+        return await self.getattr(view, _join(dir_path, name))
+
+    async def listdir(self, view: View, path: bytes) -> list[DirEntry]:
+        """All entries of a directory (without . and ..), with their metadata."""
+        vol, vpath = await self._locate(view, path)
+        if vpath != b"/":
+            st = await self.getattr(view, path)
+            if not st.is_dir:
+                raise NotADirectory(f"{view.name}:{path!r}: not a directory")
+        listing = await self._dir(vol, vpath)
+        result = []
+        for name, st in listing.entries.items():
+            child = _join(path, name)
+            mounted = view.mounted_at(child)
+            if mounted is not None and mounted is not vol:
+                # A mountpoint shows the mounted volume's root, as in the running guest.
+                try:
+                    st = (await self._root(mounted))[0]
+                except SnapfsError as exc:
+                    log.warning("%s: %s", child, exc.message)
+            result.append(DirEntry(name, st))
+        return result
+
+    async def readlink(self, view: View, path: bytes) -> bytes:
+        vol, vpath = await self._locate(view, path)
+        if vpath == b"/":
+            raise SnapfsError(f"{path!r} is not a symlink", errno=errno.EINVAL)
+        parent, name = _split(vpath)
+        listing = await self._dir(vol, parent)
+        if name not in listing.entries:
+            raise NotFound(f"{view.name}:{path!r}: no such file")
+        target = listing.links.get(name)
+        if target is None:
+            raise SnapfsError(f"{path!r} is not a symlink", errno=errno.EINVAL)
+        return target
+
+    async def _xattrs(self, view: View, path: bytes) -> dict[bytes, bytes]:
+        vol, vpath = await self._locate(view, path)
+        if vpath == b"/":
+            return (await self._root(vol))[1]
+        parent, name = _split(vpath)
+        listing = await self._dir(vol, parent)
+        if name not in listing.entries:
+            raise NotFound(f"{view.name}:{path!r}: no such file")
+        return listing.xattrs.get(name, {})
+
+    async def listxattr(self, view: View, path: bytes) -> list[bytes]:
+        return list(await self._xattrs(view, path))
+
+    async def getxattr(self, view: View, path: bytes, name: bytes) -> bytes:
+        value = (await self._xattrs(view, path)).get(name)
+        if value is None:
+            raise SnapfsError(f"{path!r}: no attribute {name!r}", errno=errno.ENODATA)
+        return value
+
+    # -- data ----------------------------------------------------------------------------------
+
+    async def read(self, view: View, path: bytes, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a regular file from ``offset`` (short only at end of file)."""
+        st = await self.getattr(view, path)
+        if st.is_dir:
+            raise IsADirectory(f"{view.name}:{path!r} is a directory")
+        if not st.is_reg:
+            raise SnapfsError(f"{view.name}:{path!r} is not a regular file", errno=errno.EINVAL)
+        if offset >= st.size or size <= 0:
+            return b""
+        size = min(size, st.size - offset)
+        vol, vpath = await self._locate(view, path)
+        if self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES:
+            data = await self._read_fast(vol, vpath, st, offset, size)
+            if data is not None:
+                self.stats["mapped_reads"] += 1
+                return data
+        self.stats["appliance_reads"] += 1
+        return await self.read_via_appliance(vol, vpath, st, offset, size)
+
+    async def _read_fast(
+        self, vol: Volume, vpath: bytes, st: GuestStat, offset: int, size: int
+    ) -> bytes | None:
+        assert self.read_raw is not None
+        parent, _ = _split(vpath)
+        listing = await self._dir(vol, parent)
+        if listing.extents is None:
+            listing.extents = await self._fetch_extents(vol, parent, listing)
+        extents = listing.extents.get(st.guest_ino)
+        if extents is None:
+            return None
+        if vol.index not in self._devmaps:
+            self._devmaps[vol.index] = await self._fetch_devmap(vol)
+        devmap = self._devmaps[vol.index]
+        if devmap is None:
+            return None
+        plan = ext_mod.plan_read(extents, devmap, st.size, offset, size)
+        if plan is None:
+            return None
+        disc = await self._discover()
+        names = [self.session.disk_name(i) for i in range(len(disc.devices))]
+        return await ext_mod.read_mapped(plan, names, self.read_raw)
+
+    async def _fetch_extents(
+        self, vol: Volume, parent: bytes, listing: _Dir
+    ) -> dict[int, list[Extent] | None]:
+        def fetch(g: Any, state: LaunchState) -> bytes | None:
+            mp = self._mount_sync(g, state, vol)
+            apath = mp.encode() + (b"" if parent == b"/" else parent)
+            status, out = run_script(g, state, ext_mod.filefrag_script(b"/sysroot" + apath))
+            if status != 0:
+                log.warning("guestfs %s: filefrag in %r failed: %s",
+                            self.session.name, apath, script_error(g))
+                return None
+            return out
+
+        try:
+            out = await self.session.call(fetch)
+        except SnapfsError as exc:
+            log.warning("guestfs %s: no extent maps for %s:%r: %s",
+                        self.session.name, vol.name, parent, exc.message)
+            return {}
+        parsed = ext_mod.parse_filefrag(out) if out is not None else {}
+        sizes = {st.guest_ino: st.size for st in listing.entries.values() if st.is_reg}
+        result: dict[int, list[Extent] | None] = {}
+        for ino, (size, extents) in parsed.items():
+            # A size that disagrees with the listing means the sections were misaligned.
+            result[ino] = extents if sizes.get(ino) == size else None
+        return result
+
+    async def _fetch_devmap(self, vol: Volume) -> ext_mod.DeviceMap | None:
+        disc = await self._discover()
+        disk_index = {d.rsplit("/", 1)[-1]: i for i, d in enumerate(disc.devices)}
+
+        def fetch(g: Any, state: LaunchState) -> bytes:
+            return run_script(g, state, ext_mod.devmap_script(vol.device))[1]
+
+        try:
+            out = await self.session.call(fetch)
+        except SnapfsError as exc:
+            log.warning("guestfs %s: no device map for %s: %s",
+                        self.session.name, vol.name, exc.message)
+            return None
+        devmap = ext_mod.parse_devmap(out, disk_index)
+        if devmap is None:
+            log.info("guestfs %s: volume %s (%s) cannot be mapped to disk offsets: reads go "
+                     "through the appliance", self.session.name, vol.name, vol.device)
+        return devmap
+
+    async def read_via_appliance(
+        self, vol: Volume, vpath: bytes, st: GuestStat, offset: int, size: int
+    ) -> bytes:
+        """Read through the appliance (``pread``) in cached CHUNK-aligned pieces."""
+        out = bytearray()
+        end = offset + size
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        for chunk_no in range(first, last + 1):
+            chunk = await self._chunk(vol, vpath, st, chunk_no)
+            lo = max(offset, chunk_no * CHUNK) - chunk_no * CHUNK
+            hi = min(end, (chunk_no + 1) * CHUNK) - chunk_no * CHUNK
+            out += chunk[lo:hi]
+        return bytes(out)
+
+    async def _chunk(self, vol: Volume, vpath: bytes, st: GuestStat, chunk_no: int) -> bytes:
+        key = (vol.index, st.guest_ino, chunk_no)
+        data = self._chunks.get(key)
+        if data is not None:
+            self._chunks.move_to_end(key)
+            return data
+        want = min(CHUNK, st.size - chunk_no * CHUNK)
+
+        def fetch(g: Any, state: LaunchState) -> bytes:
+            mp = self._mount_sync(g, state, vol)
+            apath = mp.encode() + vpath
+            try:
+                path = apath.decode()
+            except UnicodeDecodeError:
+                path = self._alias_sync(g, state, apath)
+            parts = []
+            got = 0
+            while got < want:
+                piece: bytes = g.pread(path, want - got, chunk_no * CHUNK + got)
+                if not piece:
+                    break
+                parts.append(piece)
+                got += len(piece)
+            return b"".join(parts)
+
+        data = await self.session.call(fetch)
+        self._chunks[key] = data
+        while len(self._chunks) > _CHUNK_CACHE_MAX:
+            self._chunks.popitem(last=False)
+        return data
+
+    def _alias_sync(self, g: Any, state: LaunchState, apath: bytes) -> str:
+        """A UTF-8 appliance path for a file whose path is not UTF-8: a bind mount of it."""
+        alias = state.aliases.get(apath)
+        if alias is not None:
+            return alias
+        alias = f"/.snapfs/a{len(state.aliases)}"
+        script = "\n".join([
+            sh_bytes("F", b"/sysroot" + apath),
+            f"touch /sysroot{alias} && mount --bind \"$F\" /sysroot{alias}",
+        ])
+        status, _ = run_script(g, state, script)
+        if status != 0:
+            raise GuestfsError(f"cannot alias {apath!r}: {script_error(g)}", errno=errno.EIO)
+        state.aliases[apath] = alias
+        return alias
+
+
+def _split(vpath: bytes) -> tuple[bytes, bytes]:
+    parent, _, name = vpath.rpartition(b"/")
+    return (parent or b"/"), name
+
+
+def _join(dir_path: bytes, name: bytes) -> bytes:
+    return (dir_path.rstrip(b"/") or b"") + b"/" + name
+
+
+def _volume_name(device: str, devices: Sequence[str], disk_names: Sequence[str]) -> str:
+    """vda1 for partition 1 of disk "vda"; vda for a whole-disk filesystem; vg0-root for LVs."""
+    if device.startswith("btrfsvol:"):
+        dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
+        return f"{_volume_name('/dev/' + dev, devices, disk_names)}@{sub.replace('/', '_')}"
+    for i, disk in enumerate(devices):
+        if device == disk:
+            return disk_names[i]
+        if device.startswith(disk) and device[len(disk) :].isdigit():
+            return f"{disk_names[i]}{device[len(disk):]}"
+    parts = device.split("/")
+    if len(parts) == 4 and parts[1] == "dev":  # /dev/VG/LV
+        return f"{parts[2]}-{parts[3]}"
+    return device.rsplit("/", 1)[-1] or device.replace("/", "_")
