@@ -33,6 +33,7 @@ from snapfs.mountpoint import (
     is_stale,
 )
 from snapfs.repo_cli import ls_command, repo_group
+from snapfs.restore_cli import restore_group
 from snapfs.sources import check_source
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def cli() -> None:
 
 cli.add_command(repo_group)
 cli.add_command(ls_command)
+cli.add_command(restore_group)
 
 
 def default_log_path(mountpoint: Path) -> Path:

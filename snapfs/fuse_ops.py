@@ -158,6 +158,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if not isinstance(node, File):
             raise SnapfsError("cannot open this node", errno=errno.EINVAL)
         handle = await node.open(_wants_write(flags))
+        if flags & os.O_TRUNC:
+            # libfuse negotiates atomic O_TRUNC: no separate setattr comes for it.
+            try:
+                await node.setattr(AttrChanges(size=0))
+            except BaseException:
+                await handle.release()
+                raise
         fh = next(self._fh_counter)
         self._open_files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)

@@ -26,8 +26,9 @@ from snapfs.config import Settings
 from snapfs.fuse_ops import Operations
 from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
 from snapfs.nbd.export import ExportManager
-from snapfs.sources import load_source
-from snapfs.vfs import build_tree
+from snapfs.restore_tree import RestoreRoot
+from snapfs.sources import load_source, repository_of
+from snapfs.vfs import Dir, Tree, build_tree
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,13 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             exports = ExportManager(runtime_dir, nursery, settings.nbd)
-            tree, _root = build_tree(catalog, exports)
+            repo = repository_of(source)
+
+            def add_restore_area(tree: Tree, root: Dir) -> None:
+                if repo is not None:
+                    root.add(RestoreRoot(tree, root, repo))
+
+            tree, _root = build_tree(catalog, exports, root_hook=add_restore_area)
             operations = Operations(tree)
             pyfuse3.init(
                 operations,
