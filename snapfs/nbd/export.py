@@ -22,6 +22,7 @@ import errno
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nbd
@@ -163,6 +164,9 @@ class DiskExport:
             )
             self._server = server
             await server.start()
+        if self.uri is not None and self._manager.prepare_uri is not None:
+            # A source whose servers start on demand (a libvirt pull-mode backup job).
+            await self._manager.prepare_uri(self.uri)
         try:
             first = await self._connect((nbd.CONTEXT_BASE_ALLOCATION,))
         except BackendUnavailable as exc:
@@ -332,6 +336,9 @@ class ExportManager:
         self.nursery = nursery
         self.settings = settings or NbdSettings()
         self._exports: dict[str, DiskExport] = {}
+        # Called with an export's URI before connecting to it: sources whose NBD servers
+        # start on first access (libvirt pull-mode backups) start them here.
+        self.prepare_uri: Callable[[str], Awaitable[None]] | None = None
 
     def export_for(self, image: Path, fmt: str, *, readonly: bool = True) -> DiskExport:
         """The export of ``image`` (created on first request, not started)."""
