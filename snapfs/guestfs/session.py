@@ -124,6 +124,11 @@ class GuestSession:
         self._tmpdir: str | None = None
         self._closed = False
         self._failure: str | None = None  # the last launch failure, for the log
+        self.attempt_markers: list[str] = []  # tmpdir of every launch attempt (for tests)
+        # What GuestTree discovered (filesystems, inspection): once per session, because
+        # inspection unmounts everything and must not run again under mounted volumes.
+        self.discovery: Any = None
+        self.discovery_lock = trio.Lock()
         self.busy = 0
         self.last_used = 0.0
         self.launch_count = 0
@@ -219,6 +224,7 @@ class GuestSession:
 
     async def _launch_once(self, mode: str, timeout: float) -> None:
         tmpdir = tempfile.mkdtemp(prefix="snapfs-gfs-")
+        self.attempt_markers.append(tmpdir)
         settings = self.settings
         log.info(
             "guestfs %s: launching appliance (%s, %d MiB, %d disk(s), timeout %.0f s)",

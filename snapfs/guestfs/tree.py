@@ -95,7 +95,6 @@ class GuestTree:
         self.ino_salt = ino_salt
         self.fast_path = fast_path and read_raw is not None
         self._discovery: _Discovery | None = None
-        self._discover_lock = trio.Lock()
         self._dirs: dict[tuple[int, bytes], _Dir] = {}
         self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
         self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
@@ -108,10 +107,12 @@ class GuestTree:
     async def _discover(self) -> _Discovery:
         if self._discovery is not None:
             return self._discovery
-        async with self._discover_lock:
-            if self._discovery is None:
-                self._discovery = await self.session.call(self._discover_sync)
-        return self._discovery
+        async with self.session.discovery_lock:
+            if self.session.discovery is None:
+                self.session.discovery = await self.session.call(self._discover_sync)
+        found: _Discovery = self.session.discovery
+        self._discovery = found
+        return found
 
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
         devices: list[str] = list(g.list_devices())
