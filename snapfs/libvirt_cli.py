@@ -110,7 +110,8 @@ def backup_command(
     """
     if not jobs.is_libvirt_uri(uri):
         raise click.BadParameter(f"{uri!r} is not a libvirt URI (like qemu:///system)")
-    console = Console(stderr=True)
+    # Messages are not wrapped: they name paths that a wrap would break.
+    console = Console(stderr=True, soft_wrap=True)
     skip_all, skip_per_vm = _parse_skips(skips)
     failures = 0
     try:

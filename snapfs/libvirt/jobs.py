@@ -43,6 +43,8 @@ SOCKET_NAME = "nbd.sock"
 # backupBegin returns once QEMU's NBD server listens, but give a loaded machine time before
 # declaring the socket missing.
 SOCKET_WAIT_S = 60.0
+# Ending a job takes QEMU well under a second; allow for a loaded machine.
+JOB_END_WAIT_S = 60.0
 # Checkpoints snapfs creates are named with this prefix (plus the snapshot id).
 CHECKPOINT_PREFIX = "snapfs-"
 
@@ -336,7 +338,7 @@ class PullJob:
         self.ended = True
         try:
             if active_job(self.dom) is not None:
-                self.dom.abortJob()
+                abort_job(self.dom)
         except libvirt.libvirtError as exc:
             log.warning("cannot end the backup job of %s: %s", _name(self.dom), error_text(exc))
         if failed and self.checkpoint:
@@ -344,6 +346,18 @@ class PullJob:
                 delete_checkpoint(self.dom, self.checkpoint)
         shutil.rmtree(self.directory, ignore_errors=True)
         log.info("backup job of %s ended", _name(self.dom))
+
+
+def abort_job(dom: Any) -> None:
+    """``abortJob``, then wait until the job is gone.
+
+    abortJob returns while QEMU still cancels the block jobs, and the domain refuses a new
+    job until they are gone (seen here as a flaky "already has a job" right after an end).
+    """
+    dom.abortJob()
+    deadline = time.monotonic() + JOB_END_WAIT_S
+    while active_job(dom) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _name(dom: Any) -> str:
@@ -388,7 +402,7 @@ def end_stale_job(dom: Any) -> bool:
         "ending the backup job a snapfs process (pid %s) left on domain %s", owner, dom.name()
     )
     try:
-        dom.abortJob()
+        abort_job(dom)
     except libvirt.libvirtError as exc:
         log.warning("cannot end it: %s", error_text(exc))
         return False
