@@ -23,6 +23,8 @@ import trio
 
 from snapfs.config import load_settings
 from snapfs.errors import SnapfsError, SnapfsUserError
+from snapfs.libvirt.jobs import is_libvirt_uri
+from snapfs.libvirt_cli import backup_command
 from snapfs.log import setup_logging
 from snapfs.mountpoint import (
     FSTYPE,
@@ -67,6 +69,7 @@ def cli() -> None:
 cli.add_command(repo_group)
 cli.add_command(ls_command)
 cli.add_command(restore_group)
+cli.add_command(backup_command)
 
 
 def default_log_path(mountpoint: Path) -> Path:
@@ -102,7 +105,8 @@ def mount(
         mountpoint = check_mountpoint(mountpoint, force=force)
         settings = load_settings(config_path, required=config_path is not None)
         check_source(source)
-        source = os.path.abspath(source)
+        if not is_libvirt_uri(source):
+            source = os.path.abspath(source)
     if not foreground:
         _mount_in_background(mountpoint, log_path or default_log_path(mountpoint))
         return

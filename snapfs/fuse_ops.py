@@ -167,7 +167,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
                 raise
         fh = next(self._fh_counter)
         self._open_files[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
 
     def _handle(self, fh: int) -> OpenFile:
         handle = self._open_files.get(fh)

@@ -24,6 +24,8 @@ import trio
 from snapfs.catalog.model import Catalog
 from snapfs.config import Settings
 from snapfs.fuse_ops import Operations
+from snapfs.libvirt.jobs import is_libvirt_uri
+from snapfs.libvirt.source import LiveJobs
 from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
 from snapfs.nbd.export import ExportManager
 from snapfs.restore_tree import RestoreRoot
@@ -91,8 +93,16 @@ async def serve(
     )
     runtime_dir = create_runtime_dir(mountpoint)
     try:
+        live = (
+            LiveJobs(source, idle_timeout=settings.nbd.idle_timeout)
+            if is_libvirt_uri(source)
+            else None
+        )
         async with trio.open_nursery() as nursery:
             exports = ExportManager(runtime_dir, nursery, settings.nbd)
+            if live is not None:
+                exports.prepare_uri = live.prepare
+                nursery.start_soon(live.reap_idle, exports)
             repo = repository_of(source)
 
             def add_restore_area(tree: Tree, root: Dir) -> None:
@@ -116,6 +126,8 @@ async def serve(
                     # Unmount first so that no request waits on a stopping server.
                     pyfuse3.close(unmount=True)
                     await exports.stop_all()
+                    if live is not None:
+                        await live.aclose()
                 nursery.cancel_scope.cancel()
     finally:
         remove_runtime_dir(runtime_dir)

@@ -297,6 +297,7 @@ class OpenFile:
     """What an open file handle reads from; ``keep_cache`` when the data cannot change."""
 
     keep_cache = True
+    direct_io = False  # bypass the page cache and st_size (content of unknown size)
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
@@ -400,6 +401,8 @@ class _DiskHandle(OpenFile):
     def __init__(self, export: DiskExport) -> None:
         self._export = export
         self._released = False
+        # A live view's job may end and restart at a later point in time: no stale pages.
+        self.keep_cache = not export.restartable_source
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.
@@ -444,50 +447,84 @@ class DiskFile(File):
 class ExtentMapFile(File):
     """``disks/<disk>.extents.json``: allocated and changed extents (catalog.changes)."""
 
-    __slots__ = ("_data", "_lock", "disk", "snapshot")
+    __slots__ = ("_data", "_lock", "disk", "disk_file", "snapshot")
 
     def __init__(
-        self, tree: Tree, parent: Dir, name: str, snap: Snapshot, disk: Disk, mtime_ns: int
+        self, tree: Tree, parent: Dir, name: str, snap: Snapshot, disk_file: DiskFile
     ) -> None:
         encoded = name.encode()
-        super().__init__(tree, parent.child_ino(encoded), encoded, parent, mtime_ns=mtime_ns)
+        super().__init__(
+            tree, parent.child_ino(encoded), encoded, parent, mtime_ns=disk_file.mtime_ns
+        )
         self.snapshot = snap
-        self.disk = disk
+        self.disk = disk_file.disk
+        self.disk_file = disk_file
         self._data: bytes | None = None
         self._lock = trio.Lock()
 
     async def _report(self) -> bytes:
-        # Computed once, on first use (qemu-img map of the chain), then kept: immutable.
+        # Computed on first use, then kept (snapshots are immutable).
         async with self._lock:
-            if self._data is None:
-                if self.disk.error is not None:
-                    raise SnapfsError(f"{self.disk.path}: {self.disk.error}")
-                try:
-                    self._data = await trio.to_thread.run_sync(self._compute)
-                except (OSError, SnapfsError, RuntimeError) as exc:
-                    raise SnapfsError(f"extent map of {self.disk.path}: {exc}") from exc
-            return self._data
+            if self._data is not None:
+                return self._data
+            if self.disk.error is not None:
+                raise SnapfsError(f"{self.disk.path}: {self.disk.error}")
+            data: bytes
+            try:
+                if self.disk.uri is None:
+                    data = await trio.to_thread.run_sync(extent_report, self.snapshot, self.disk)
+                else:
+                    data = await self._report_from_export()
+            except SnapfsError:
+                raise
+            except Exception as exc:  # qemu-img, libnbd: the reason goes into the log
+                raise SnapfsError(f"extent map of {self.disk.path}: {exc}") from exc
+            self._data = data
+            return data
 
-    def _compute(self) -> bytes:
+    async def _report_from_export(self) -> bytes:
+        """An NBD source: allocation from block status, changes from its dirty bitmap."""
         disk = self.disk
-        if disk.uri is None:
-            return extent_report(self.snapshot, disk)
-        # An NBD source: allocation from block status, changes from its dirty bitmap.
-        _size, allocated, dirty = read_changes(disk.uri, disk.dirty_bitmap)
+        assert disk.uri is not None
+        # Through the export, so that a server started on demand (a live job) is started.
+        export = self.disk_file.export()
+        await export.acquire()
+        try:
+            _size, allocated, dirty = await trio.to_thread.run_sync(
+                read_changes, disk.uri, disk.dirty_bitmap
+            )
+        finally:
+            export.release()
         return render_report(self.snapshot, disk, allocated, dirty, parent=None)
 
+    def _on_demand(self) -> bool:
+        # A live view: computing the report would start a backup job; not for a listing.
+        return (
+            self.disk.uri is not None
+            and self._data is None
+            and self.tree.exports is not None
+            and self.disk_file.export().restartable_source
+        )
+
     async def getattr(self) -> Attrs:
+        if self._on_demand():
+            return self._attrs(0)._replace(ttl=1.0)
         try:
             return self._attrs(len(await self._report()))
-        except SnapfsError:
+        except SnapfsError as exc:
             # Listed all the same (a listing must not fail for one broken file); reading it
             # fails with the reason.
+            log.debug("%s", exc)
             return self._attrs(0)._replace(ttl=1.0)
 
     async def open(self, writable: bool) -> OpenFile:
         if writable:
             raise ReadOnly("extent maps are read-only")
-        return _BytesHandle(await self._report())
+        on_demand = self._on_demand()
+        handle = _BytesHandle(await self._report())
+        # Its size was not known when listed: read to the end regardless of st_size.
+        handle.direct_io = on_demand
+        return handle
 
 
 class Symlink(Node):
@@ -659,9 +696,8 @@ def _add_snapshot(
     snap_dir.add(disks_dir)
     disk_names = unique_names([(d.name, str(i)) for i, d in enumerate(snap.disks)])
     for disk, disk_name in zip(snap.disks, disk_names, strict=True):
-        disks_dir.add(DiskFile(tree, disks_dir, f"{disk_name}.img", disk, mtime))
-        disks_dir.add(
-            ExtentMapFile(tree, disks_dir, f"{disk_name}.extents.json", snap, disk, mtime)
-        )
+        disk_file = DiskFile(tree, disks_dir, f"{disk_name}.img", disk, mtime)
+        disks_dir.add(disk_file)
+        disks_dir.add(ExtentMapFile(tree, disks_dir, f"{disk_name}.extents.json", snap, disk_file))
     if hook is not None:
         hook(tree, snap_dir, vm, snap)

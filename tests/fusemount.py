@@ -65,7 +65,9 @@ def wait_for_mount(mounted: Mounted, timeout: float = MOUNT_TIMEOUT_S) -> None:
     raise AssertionError(f"mount did not appear within {timeout}s:\n{mounted.log_text()}")
 
 
-def start_mount(source: Path, mountpoint: Path, *extra: str, log: Path | None = None) -> Mounted:
+def start_mount(
+    source: Path | str, mountpoint: Path, *extra: str, log: Path | None = None
+) -> Mounted:
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = log or mountpoint.parent / f"{mountpoint.name}.log"
     with open(log, "ab") as out:
@@ -113,7 +115,7 @@ def stop_mount(mounted: Mounted) -> None:
 
 
 @contextlib.contextmanager
-def mounted(source: Path, mountpoint: Path, *extra: str) -> Iterator[Mounted]:
+def mounted(source: Path | str, mountpoint: Path, *extra: str) -> Iterator[Mounted]:
     m = start_mount(source, mountpoint, *extra)
     try:
         yield m

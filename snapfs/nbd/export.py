@@ -199,7 +199,14 @@ class DiskExport:
             time.monotonic() - started,
         )
 
+    @property
+    def restartable_source(self) -> bool:
+        """Each start is a new point in time (a live pull-mode job): nothing may be cached."""
+        return self.uri is not None and self._manager.prepare_uri is not None
+
     async def _teardown(self) -> None:
+        if self.restartable_source:
+            self.extents = None
         conns, self._conns = self._conns, []
         with trio.CancelScope(shield=True):
             if not self.readonly:

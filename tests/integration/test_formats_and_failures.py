@@ -124,7 +124,7 @@ def broken_repo(tmp_path: Path) -> Path:
 def test_broken_entries_fail_visibly_and_the_rest_works(broken_repo: Path, tmp_path: Path):
     with mounted(broken_repo, tmp_path / "m") as m:
         root = m.path
-        assert sorted(os.listdir(root)) == ["baddisk", "badsnap", "badvm", "good"]
+        assert sorted(os.listdir(root)) == ["baddisk", "badsnap", "badvm", "good", "restore"]
         assert disk_path(root, "good", "s1", "vda").read_bytes()[:MiB] != bytes(MiB)
         # A VM whose metadata is malformed: listing it fails, it is never empty.
         with pytest.raises(OSError) as info:

@@ -36,7 +36,7 @@ def snapshot_dirs(mount: Path, vm: str) -> list[Path]:
 def test_tree_layout_and_metadata(sample_repo: SampleRepository, sample_mount: Mounted) -> None:
     root = sample_mount.path
     catalog = load_repository(sample_repo.path)
-    assert sorted(os.listdir(root)) == sorted(vm.name for vm in catalog.vms)
+    assert sorted(os.listdir(root)) == sorted([*(vm.name for vm in catalog.vms), "restore"])
     for vm in catalog.vms:
         vm_dir = root / vm.name
         assert sorted(os.listdir(vm_dir)) == ["latest", "snapshots", "vm.json"]
