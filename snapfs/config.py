@@ -8,12 +8,13 @@ one table per subsystem::
     idle_timeout = 60      # seconds a server with no open files stays up
     read_ahead_kb = 1024   # the mount's kernel read-ahead (0: leave the kernel default)
 
-    [guestfs]
-    backend = "auto"       # auto | kvm | tcg
-    launch_timeout = 120   # seconds before a launch is abandoned (then TCG is tried)
-    max_appliances = 2     # live appliances at once; the least recently used is shut down
-    idle_timeout = 300     # seconds an unused appliance stays up
-    memsize_mb = 1024
+    [guestfs]                  # see snapfs/guestfs/settings.py
+    backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
+    launch_timeout_s = 300     # a TCG launch that takes longer is killed: EIO
+    kvm_launch_timeout_s = 60  # a KVM launch that takes longer is killed, then TCG is tried
+    max_appliances = 4         # live appliances at once; the least recently used is shut down
+    idle_timeout_s = 300       # seconds an unused appliance stays up
+    memsize_mb = 768
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from snapfs.errors import SnapfsUserError
+from snapfs.guestfs.settings import GuestfsSettings
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,9 @@ class NbdSettings:
 
 
 @dataclass(frozen=True)
-class GuestfsSettingsConfig:
-    backend: str = "auto"
-    # Under TCG a launch takes 20-40 s on a quiet 2-core machine, 2-3x that under load.
-    launch_timeout: float = 120.0
-    max_appliances: int = 2
-    idle_timeout: float = 300.0
-    memsize_mb: int = 1024
-
-
-@dataclass(frozen=True)
 class Settings:
     nbd: NbdSettings = field(default_factory=NbdSettings)
-    guestfs: GuestfsSettingsConfig = field(default_factory=GuestfsSettingsConfig)
+    guestfs: GuestfsSettings = field(default_factory=GuestfsSettings)
 
 
 def default_config_path() -> Path:
@@ -96,8 +88,10 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
         settings = replace(
             settings, **{key: _apply(getattr(settings, key), value, f"{path} [{key}]")}
         )
-    if settings.guestfs.backend not in ("auto", "kvm", "tcg"):
-        raise SnapfsUserError(f"{path}: guestfs.backend must be auto, kvm or tcg")
+    try:
+        GuestfsSettings.__post_init__(settings.guestfs)
+    except ValueError as exc:
+        raise SnapfsUserError(f"{path}: [guestfs] {exc}") from None
     if settings.nbd.connections < 1:
         raise SnapfsUserError(f"{path}: nbd.connections must be at least 1")
     return settings

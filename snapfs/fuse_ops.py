@@ -95,7 +95,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.tree = tree
         self._fh_counter = itertools.count(1)
         self._open_files: dict[int, OpenFile] = {}
-        self._open_dirs: dict[int, list[Node]] = {}
+        self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
 
     # -- names and attributes --------------------------------------------------------
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -141,8 +141,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if entries is None:
             raise SnapfsError("bad directory handle", errno=errno.EBADF)
         for index in range(start_id, len(entries)):
-            node = entries[index]
-            if not pyfuse3.readdir_reply(token, node.name, await self._entry(node), index + 1):
+            name, node = entries[index]
+            if not pyfuse3.readdir_reply(token, name, await self._entry(node), index + 1):
                 break
 
     @errno_boundary

@@ -24,6 +24,8 @@ import trio
 from snapfs.catalog.model import Catalog
 from snapfs.config import Settings
 from snapfs.fuse_ops import Operations
+from snapfs.guest_vfs import GuestFiles
+from snapfs.guestfs import AppliancePool
 from snapfs.libvirt.jobs import is_libvirt_uri
 from snapfs.libvirt.source import LiveJobs
 from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
@@ -109,7 +111,15 @@ async def serve(
                 if repo is not None:
                     root.add(RestoreRoot(tree, root, repo))
 
-            tree, _root = build_tree(catalog, exports, root_hook=add_restore_area)
+            pool = AppliancePool(settings.guestfs)
+            nursery.start_soon(pool.run)
+            guest_files = GuestFiles(pool, settings.guestfs)
+            tree, _root = build_tree(
+                catalog,
+                exports,
+                snapshot_hook=guest_files.add_to_snapshot,
+                root_hook=add_restore_area,
+            )
             operations = Operations(tree)
             pyfuse3.init(
                 operations,
@@ -125,6 +135,9 @@ async def serve(
                 with trio.CancelScope(shield=True):
                     # Unmount first so that no request waits on a stopping server.
                     pyfuse3.close(unmount=True)
+                    # Appliances first: they are clients of the exports.
+                    await guest_files.aclose()
+                    await pool.aclose()
                     await exports.stop_all()
                     if live is not None:
                         await live.aclose()

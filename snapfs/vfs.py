@@ -248,8 +248,9 @@ class Dir(Node):
             raise NotFound(f"{name!r} not found")
         return node
 
-    async def entries(self) -> list[Node]:
-        return list((await self.children()).values())
+    async def entries(self) -> list[tuple[bytes, Node]]:
+        """(name, node) pairs: a hard-linked node appears under each of its names."""
+        return list((await self.children()).items())
 
     async def mkdir(self, name: bytes, mode: int, caller: Caller) -> Node:
         raise ReadOnly("read-only")

@@ -23,7 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -133,6 +133,12 @@ class GuestSession:
         self.last_used = 0.0
         self.launch_count = 0
         self.last_launch_backend: str | None = None
+        # Hooks of the owner: before a launch (start the NBD servers the disks are on) and
+        # after the appliance is gone (release them).
+        self.before_launch: Callable[[], Awaitable[None]] | None = None
+        # Export names of disks on servers with named exports (a libvirt job: "vda").
+        self.export_names: dict[str, str] = {}
+        self.after_shutdown: Callable[[], Awaitable[None]] | None = None
         if pool is not None:
             pool.register(self)
 
@@ -188,7 +194,16 @@ class GuestSession:
         if self._pool is not None:
             await self._pool.make_room(self)
         try:
-            await self._launch_plan()
+            if self.before_launch is not None:
+                # The owner makes sure the NBD servers behind ``disks`` are up.
+                await self.before_launch()
+            try:
+                await self._launch_plan()
+            except BaseException:
+                if self.after_shutdown is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.after_shutdown()
+                raise
         finally:
             if self._pool is not None:
                 self._pool.launch_finished(self)
@@ -244,9 +259,10 @@ class GuestSession:
                 if settings.debug:
                     _route_events(g, self.name)
                 for disk_name, sock in self.disks:
+                    # For the nbd protocol the "filename" is the export name.
                     g.add_drive_opts(
-                        "", format="raw", protocol="nbd", server=[f"unix:{sock}"],
-                        readonly=True, name=disk_name,
+                        self.export_names.get(disk_name, ""), format="raw", protocol="nbd",
+                        server=[f"unix:{sock}"], readonly=True, name=disk_name,
                     )
             except BaseException:
                 g.close()
@@ -336,12 +352,16 @@ class GuestSession:
         if g is None:
             return
         log.info("guestfs %s: shutting down appliance", self.name)
-        await trio.to_thread.run_sync(_close_handle, g, limiter=self._limiter)
-        if tmpdir is not None:
-            # g.close() waits for qemu; anything left is a qemu it lost track of.
-            _kill_pids(await trio.to_thread.run_sync(find_qemu_pids, tmpdir))
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        self._tmpdir = None
+        try:
+            await trio.to_thread.run_sync(_close_handle, g, limiter=self._limiter)
+            if tmpdir is not None:
+                # g.close() waits for qemu; anything left is a qemu it lost track of.
+                _kill_pids(await trio.to_thread.run_sync(find_qemu_pids, tmpdir))
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        finally:
+            if self.after_shutdown is not None:
+                await self.after_shutdown()
 
     async def aclose(self) -> None:
         """Close for good: stop the appliance; later calls fail with BackendUnavailable."""

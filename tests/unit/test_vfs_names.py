@@ -55,12 +55,12 @@ def _catalog() -> Catalog:
 
 async def test_tree_shapes_and_errors() -> None:
     _tree, root = build_tree(_catalog(), None, uid=0, gid=0)
-    names = sorted(n.name for n in await root.entries())
+    names = sorted(name for name, _ in await root.entries())
     assert names == [b"a_b", b"web~v1", b"web~v2"]
     web = await root.lookup(b"web~v1")
     assert isinstance(web, Dir)
     snaps = await (await web.lookup(b"snapshots")).entries()  # type: ignore[attr-defined]
-    assert sorted(s.name for s in snaps) == [b"first~s1", b"first~s2"]
+    assert sorted(name for name, _ in snaps) == [b"first~s1", b"first~s2"]
     latest = await web.lookup(b"latest")
     assert latest.target == b"snapshots/first~s1"  # type: ignore[attr-defined]
     broken = await root.lookup(b"web~v2")
