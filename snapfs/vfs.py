@@ -33,7 +33,6 @@ from snapfs.catalog.changes import extent_report, render_report
 from snapfs.catalog.model import Catalog, Disk, Snapshot, Vm
 from snapfs.errors import NotFound, ReadOnly, SnapfsError
 from snapfs.nbd.export import DiskExport, ExportManager
-from snapfs.nbd.probe import read_changes
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +427,7 @@ class DiskFile(File):
     def export(self) -> DiskExport:
         assert self.tree.exports is not None
         if self.disk.uri is not None:
-            return self.tree.exports.export_for_uri(self.disk.uri)
+            return self.tree.exports.export_for_uri(self.disk.uri, self.disk.dirty_bitmap)
         return self.tree.exports.export_for(self.disk.path, self.disk.format)
 
     async def getattr(self) -> Attrs:
@@ -488,12 +487,13 @@ class ExtentMapFile(File):
         disk = self.disk
         assert disk.uri is not None
         # Through the export, so that a server started on demand (a live job) is started.
+        # The export computes both on its first connection (a server may take one client).
         export = self.disk_file.export()
         await export.acquire()
         try:
-            _size, allocated, dirty = await trio.to_thread.run_sync(
-                read_changes, disk.uri, disk.dirty_bitmap
-            )
+            assert export.extents is not None
+            allocated = [(s, e - s) for s, e in export.extents.ranges()]
+            dirty = export.dirty
         finally:
             export.release()
         return render_report(self.snapshot, disk, allocated, dirty, parent=None)

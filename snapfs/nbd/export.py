@@ -31,7 +31,8 @@ import trio
 from snapfs.config import NbdSettings
 from snapfs.errors import BackendUnavailable, SnapfsError
 from snapfs.nbd.client import ConnectionLost, NbdConnection
-from snapfs.nbd.extents import ExtentMap, query_extents
+from snapfs.nbd.extents import ExtentMap, dirty_ranges, query_extents
+from snapfs.nbd.probe import bitmap_context
 from snapfs.nbd.server import QemuNbdServer, ServerSpec
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ class DiskExport:
         *,
         readonly: bool = True,
         uri: str | None = None,
+        dirty_bitmap: str | None = None,
     ) -> None:
         self._manager = manager
         self.key = key
         self.image = image
         # An export of someone else's NBD server (a source listing NBD URIs): no qemu-nbd.
         self.uri = uri
+        # A qemu:dirty-bitmap context naming what changed (NBD sources), and its ranges.
+        self.dirty_bitmap = dirty_bitmap
+        self.dirty: list[tuple[int, int]] | None = None
         self.format = fmt
         self.readonly = readonly
         self.socket_path = manager.runtime_dir / f"{key}.sock"
@@ -167,8 +172,11 @@ class DiskExport:
         if self.uri is not None and self._manager.prepare_uri is not None:
             # A source whose servers start on demand (a libvirt pull-mode backup job).
             await self._manager.prepare_uri(self.uri)
+        contexts: tuple[str, ...] = (nbd.CONTEXT_BASE_ALLOCATION,)
+        if self.dirty_bitmap is not None:
+            contexts += (bitmap_context(self.dirty_bitmap),)
         try:
-            first = await self._connect((nbd.CONTEXT_BASE_ALLOCATION,))
+            first = await self._connect(contexts)
         except BackendUnavailable as exc:
             if server is None:
                 raise
@@ -185,7 +193,12 @@ class DiskExport:
             conns.append(await self._connect())
         if self.extents is None and self.readonly:
             # Snapshot data is immutable: one block-status pass serves for the whole mount.
+            # On the first connection, before its driver runs: servers may allow one client.
             self.extents = await trio.to_thread.run_sync(query_extents, first.handle, first.size)
+            if self.dirty_bitmap is not None:
+                self.dirty = await trio.to_thread.run_sync(
+                    dirty_ranges, first.handle, first.size, self.dirty_bitmap
+                )
         self.size = first.size
         for conn in conns:
             self._manager.nursery.start_soon(conn.run)
@@ -207,6 +220,7 @@ class DiskExport:
     async def _teardown(self) -> None:
         if self.restartable_source:
             self.extents = None
+            self.dirty = None
         conns, self._conns = self._conns, []
         with trio.CancelScope(shield=True):
             if not self.readonly:
@@ -357,12 +371,14 @@ class ExportManager:
             self._exports[key] = export
         return export
 
-    def export_for_uri(self, uri: str) -> DiskExport:
+    def export_for_uri(self, uri: str, dirty_bitmap: str | None = None) -> DiskExport:
         """The export of an NBD server somebody else runs (read-only use)."""
         key = hashlib.sha256(f"uri\0{uri}".encode()).hexdigest()[:16]
         export = self._exports.get(key)
         if export is None:
-            export = DiskExport(self, key, Path(uri), "raw", readonly=True, uri=uri)
+            export = DiskExport(
+                self, key, Path(uri), "raw", readonly=True, uri=uri, dirty_bitmap=dirty_bitmap
+            )
             self._exports[key] = export
         return export
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import nbd
 
-from snapfs.nbd.extents import dirty_ranges, query_extents
+from snapfs.nbd.extents import query_extents
 
 # An NBD handshake over a LAN takes milliseconds; a server that has not answered in this
 # long is reported as broken rather than holding up the whole mount.
@@ -75,20 +75,3 @@ def probe_uris(items: list[tuple[str, str | None]]) -> list[UriFacts]:
     finally:
         # A hung probe thread is abandoned, not waited for.
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def read_changes(
-    uri: str, dirty_bitmap: str | None
-) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]] | None]:
-    """(size, allocated ranges, dirty ranges or None) of an NBD export (blocking)."""
-    contexts = (nbd.CONTEXT_BASE_ALLOCATION,) + (
-        (bitmap_context(dirty_bitmap),) if dirty_bitmap else ()
-    )
-    h = _connect(uri, contexts)
-    try:
-        size = h.get_size()
-        allocated = [(s, e - s) for s, e in query_extents(h, size).ranges()]
-        dirty = dirty_ranges(h, size, dirty_bitmap) if dirty_bitmap else None
-        return size, allocated, dirty
-    finally:
-        h.shutdown()
