@@ -78,8 +78,15 @@ class TestDomain:
         return {t: bytes(m) for t, m in self.model.items()}
 
 
+def _qemu_nbd_children() -> list[str]:
+    return subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "qemu-nbd"], capture_output=True, text=True
+    ).stdout.split()
+
+
 @pytest.fixture
 def make_domain(conn: Any, tmp_path: Path) -> Iterator[Callable[..., TestDomain]]:
+    before = set(_qemu_nbd_children())
     made: list[Any] = []
 
     def make(name: str, disks: dict[str, int]) -> TestDomain:
@@ -105,10 +112,10 @@ def make_domain(conn: Any, tmp_path: Path) -> Iterator[Callable[..., TestDomain]
         assert not list(Path("/tmp").glob("snapfs-job-*/owner")) or all(
             int(p.read_text()) != os.getpid() for p in Path("/tmp").glob("snapfs-job-*/owner")
         ), "a backup job directory was left behind"
-        children = subprocess.run(
-            ["pgrep", "-P", str(os.getpid()), "qemu-nbd"], capture_output=True, text=True
-        ).stdout.split()
-        assert not children, f"qemu-nbd left running: {children}"
+        # Servers of other suites' session fixtures (guestfs tests) may be running: only the
+        # ones this test started count.
+        children = set(_qemu_nbd_children()) - before
+        assert not children, f"qemu-nbd left running: {sorted(children)}"
 
 
 @pytest.fixture
