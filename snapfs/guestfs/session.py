@@ -100,7 +100,9 @@ class GuestSession:
     """One appliance over all disks of one snapshot, each attached read-only from NBD.
 
     ``disks`` is a list of (disk name, unix socket path); the appliance sees them as
-    /dev/sda, /dev/sdb, … in that order.
+    /dev/sda, /dev/sdb, … in that order. ``readonly=False`` attaches them writable (a restore
+    disk's own writable qemu-nbd); the appliance root overlay still lives in the private
+    tmpdir, so the launch watchdog finds its qemu either way.
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class GuestSession:
         disks: Sequence[tuple[str, str]],
         settings: GuestfsSettings | None = None,
         pool: AppliancePool | None = None,
+        *,
+        readonly: bool = True,
     ) -> None:
         if not disks:
             raise ValueError("a guestfs session needs at least one disk")
@@ -116,6 +120,8 @@ class GuestSession:
         self.disks = tuple(disks)
         self.settings = settings or GuestfsSettings()
         self._pool = pool
+        # False only for restore disks (snapfs.guestfs.rwtree): the drives are written.
+        self.readonly = readonly
         self._lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._g: Any = None
@@ -262,7 +268,7 @@ class GuestSession:
                     # For the nbd protocol the "filename" is the export name.
                     g.add_drive_opts(
                         self.export_names.get(disk_name, ""), format="raw", protocol="nbd",
-                        server=[f"unix:{sock}"], readonly=True, name=disk_name,
+                        server=[f"unix:{sock}"], readonly=self.readonly, name=disk_name,
                     )
             except BaseException:
                 g.close()
