@@ -126,3 +126,63 @@ def test_rsync_of_files_reproduces_the_source(guest_repo, tmp_path: Path) -> Non
     # The top directory's own times differ (mkfs created lost+found in it); nothing else.
     assert [c for c in changes if not c.endswith(" ./")] == [], changes
     assert orphan_appliances() == []
+
+
+def _appliances_of(pid: int) -> list[int]:
+    """Appliance qemu processes that are children of ``pid``."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid), "-f", "qemu-system"], capture_output=True, text=True
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_idle_appliance_stops_and_kill_9_takes_it_along(guest_repo, tmp_path: Path) -> None:
+    from tests.fusemount import start_mount, stop_mount
+
+    repo, _tree, _config = guest_repo
+    config = tmp_path / "idle.toml"
+    config.write_text('[guestfs]\nbackend = "tcg"\nidle_timeout_s = 2\n[nbd]\nidle_timeout = 1\n')
+    m = start_mount(repo, tmp_path / "m", "--config", str(config))
+    try:
+        files = m.path / "guest" / "latest" / "files"
+        assert (files / "a.txt").read_bytes() == b"hello\n"
+        appliances = _appliances_of(m.proc.pid)
+        assert len(appliances) == 1
+        # Idle: the appliance stops, then the NBD servers it held.
+        deadline = time.monotonic() + 60
+        while _alive(appliances) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _alive(appliances) == [], "idle appliance was not shut down"
+        deadline = time.monotonic() + 30
+        while m.server_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert m.server_pids() == []
+        # Cached listings need no appliance (file data may come straight from NBD); a
+        # directory not listed before relaunches it.
+        assert "a.txt" in os.listdir(files)
+        assert (files / "small").read_bytes() == (_tree / "small").read_bytes()
+        assert len(os.listdir(files / "dir" / "deep")) == 201
+        appliances = _appliances_of(m.proc.pid)
+        assert len(appliances) == 1
+        servers = m.server_pids()
+        m.proc.kill()
+        m.proc.wait()
+        deadline = time.monotonic() + 30
+        while (_alive(appliances) or _alive(servers)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _alive(appliances) == [], "appliance outlived its killed daemon"
+        assert _alive(servers) == [], "qemu-nbd outlived its killed daemon"
+    finally:
+        stop_mount(m)
