@@ -48,10 +48,11 @@ from typing import Any, TypeVar
 
 import trio
 
-from snapfs.errors import GuestfsError, IsADirectory, NotFound, SnapfsError
+from snapfs.errors import GuestfsError, IsADirectory, NotFound, SnapfsError, guess_errno
 
 from .model import DirEntry, GuestStat, View, Volume
 from .session import GuestSession, LaunchState
+from .shell import sh_bytes
 from .tree import GuestTree, _split
 
 log = logging.getLogger(__name__)
@@ -490,9 +491,32 @@ class RwGuestTree(GuestTree):
 
     async def setxattr(self, view: View, path: bytes, name: bytes, value: bytes) -> GuestStat:
         xname = self._xattr_name(name)
-        return await self._change_inode(
-            view, path, lambda g, ap: g.lsetxattr(xname, value, len(value), ap), xattrs=True
-        )
+        try:
+            text: str | None = value.decode("utf-8") if b"\0" not in value else None
+        except UnicodeDecodeError:
+            text = None
+
+        def op(g: Any, ap: str) -> None:
+            if text is not None:
+                g.lsetxattr(xname, text, len(value), ap)
+            else:
+                self._setxattr_shell(g, ap, name, value)
+
+        return await self._change_inode(view, path, op, xattrs=True)
+
+    def _setxattr_shell(self, g: Any, apath: str, name: bytes, value: bytes) -> None:
+        """lsetxattr's value is a C string in the binding (UTF-8, NUL ends it): binary values
+        go through setfattr in the appliance, as hex."""
+        script = "; ".join([
+            sh_bytes("F", b"/sysroot" + apath.encode()),
+            sh_bytes("N", name),
+            f'setfattr -h -n "$N" -v 0x{value.hex()} -- "$F" 2>&1',
+            "echo rc=$?",
+        ])
+        out: str = g.debug("sh", [script])
+        if not out.rstrip().endswith("rc=0"):
+            message = f"setxattr {apath} {name!r}: {out.strip()}"
+            raise GuestfsError(message, errno=guess_errno(message))
 
     async def removexattr(self, view: View, path: bytes, name: bytes) -> GuestStat:
         xname = self._xattr_name(name)
