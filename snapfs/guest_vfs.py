@@ -189,7 +189,21 @@ def _guest_node(tree: Tree, parent: GuestDir, root: _ViewRoot, name: bytes, st: 
     return node
 
 
-class GuestDir(Dir):
+class _GuestXattrs:
+    """Extended attributes of a guest node, from the directory prefetch."""
+
+    __slots__ = ()
+    root: _ViewRoot
+    path: bytes
+
+    async def listxattr(self) -> list[bytes]:
+        return await self.root.guest.listxattr(self.root.view, self.path)
+
+    async def getxattr(self, name: bytes) -> bytes:
+        return await self.root.guest.getxattr(self.root.view, self.path, name)
+
+
+class GuestDir(_GuestXattrs, Dir):
     """A directory of a guest filesystem; listed in one appliance round trip, then cached."""
 
     __slots__ = ("path", "root", "st")
@@ -225,12 +239,6 @@ class GuestDir(Dir):
     async def getattr(self) -> Attrs:
         return _attrs(self.ino, self.st)
 
-    async def listxattr(self) -> list[bytes]:
-        return await self.root.guest.listxattr(self.root.view, self.path)
-
-    async def getxattr(self, name: bytes) -> bytes:
-        return await self.root.guest.getxattr(self.root.view, self.path, name)
-
 
 class _GuestHandle(OpenFile):
     keep_cache = True  # snapshot data is immutable
@@ -245,7 +253,7 @@ class _GuestHandle(OpenFile):
         return await node.root.guest.read(node.root.view, node.path, offset, size)
 
 
-class GuestFile(File):
+class GuestFile(_GuestXattrs, File):
     """A regular file (or device node, fifo, socket) of a guest filesystem."""
 
     __slots__ = ("path", "root", "st")
@@ -277,14 +285,8 @@ class GuestFile(File):
             raise SnapfsError("not a regular file", errno=errno.EACCES)
         return _GuestHandle(self)
 
-    async def listxattr(self) -> list[bytes]:
-        return await self.root.guest.listxattr(self.root.view, self.path)
 
-    async def getxattr(self, name: bytes) -> bytes:
-        return await self.root.guest.getxattr(self.root.view, self.path, name)
-
-
-class GuestSymlink(Node):
+class GuestSymlink(_GuestXattrs, Node):
     __slots__ = ("path", "root", "st")
 
     def __init__(
@@ -300,12 +302,6 @@ class GuestSymlink(Node):
 
     async def readlink(self) -> bytes:
         return await self.root.guest.readlink(self.root.view, self.path)
-
-    async def listxattr(self) -> list[bytes]:
-        return await self.root.guest.listxattr(self.root.view, self.path)
-
-    async def getxattr(self, name: bytes) -> bytes:
-        return await self.root.guest.getxattr(self.root.view, self.path, name)
 
 
 class ViewRootDir(GuestDir):

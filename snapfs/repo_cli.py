@@ -13,48 +13,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from snapfs.catalog import qemu_img, repo, writer
 from snapfs.catalog.model import Catalog, Disk, Snapshot, Vm
-from snapfs.errors import SnapfsError, SnapfsUserError
-
-
-class _UserError(click.ClickException):
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        # click declares exit_code on the class; SnapfsUserError may ask for another one.
-        self.exit_code = exit_code  # type: ignore[misc]
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn snapfs errors into one-line click errors (no traceback)."""
-    try:
-        yield
-    except SnapfsUserError as exc:
-        raise _UserError(str(exc), exc.exit_code) from None
-    except SnapfsError as exc:
-        raise _UserError(exc.message) from None
-
-
-def _size(n: int) -> str:
-    """Binary units, like ``qemu-img info`` (disk sizes are powers of two)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
+from snapfs.cli_common import human_size as _size
+from snapfs.cli_common import progress_bars as _progress_bars
+from snapfs.cli_common import user_errors as _user_errors
 
 # --- repo ---------------------------------------------------------------------------------
 
@@ -78,35 +48,6 @@ def _parse_disk(value: str) -> tuple[str, Path]:
     if not sep or not name or not image:
         raise click.BadParameter(f"expected NAME=IMAGE (like vda=disk.qcow2), got {value!r}")
     return name, Path(image)
-
-
-@contextmanager
-def _progress_bars() -> Iterator[Callable[[str, float], None]]:
-    """Rich progress bars, one per disk; yields the ``progress(disk, percent)`` callback.
-
-    Bars appear on the first report, so input errors found before copying starts print
-    alone, without an empty bar.
-    """
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        console=Console(stderr=True),
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def update(disk: str, percent: float) -> None:
-        if not tasks:
-            progress.start()
-        if disk not in tasks:
-            tasks[disk] = progress.add_task(disk, total=100.0)
-        progress.update(tasks[disk], completed=percent)
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            progress.stop()
 
 
 @repo_group.command("add-snapshot")

@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from snapfs.catalog import qemu_img, repo
-from snapfs.errors import SnapfsError, SnapfsUserError
+from snapfs.cli_common import human_size as _size
+from snapfs.cli_common import progress_bars as _progress_bars
+from snapfs.cli_common import user_errors as _user_errors
+from snapfs.errors import SnapfsUserError
 from snapfs.restore import store
 from snapfs.restore.model import CreateSpec, RestoreDisk
 from snapfs.restore.vmconfig import Overrides, config_kind, render_vm_config
-
-
-class _UserError(click.ClickException):
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        # click declares exit_code on the class; SnapfsUserError may ask for another one.
-        self.exit_code = exit_code  # type: ignore[misc]
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except SnapfsUserError as exc:
-        raise _UserError(str(exc), exc.exit_code) from None
-    except SnapfsError as exc:
-        raise _UserError(exc.message) from None
 
 
 def resolve_repository(path: Path, mounts_text: str | None = None) -> Path:
@@ -61,40 +44,6 @@ def resolve_repository(path: Path, mounts_text: str | None = None) -> Path:
 _REPO_ARG = click.argument(
     "repo_or_mount", metavar="REPO_OR_MOUNT", type=click.Path(path_type=Path, file_okay=False)
 )
-
-
-@contextmanager
-def _progress_bars() -> Iterator[Callable[[str, float], None]]:
-    """Rich progress bars, one per phase or disk, on stderr; appear on the first report."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        console=Console(stderr=True),
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def update(phase: str, percent: float) -> None:
-        if not tasks:
-            progress.start()
-        if phase not in tasks:
-            tasks[phase] = progress.add_task(phase, total=100.0)
-        progress.update(tasks[phase], completed=percent)
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            progress.stop()
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @click.group("restore")

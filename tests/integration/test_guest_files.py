@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from snapfs.catalog import writer
-from tests.fusemount import mounted, needs_fuse
+from tests.fusemount import kill_tree_check, mounted, needs_fuse
 from tests.guestfs.conftest import MiB, _gpt, _make_tree, _run
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.guestfs, pytest.mark.slow]
@@ -136,18 +136,6 @@ def _appliances_of(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
 def test_idle_appliance_stops_and_kill_9_takes_it_along(guest_repo, tmp_path: Path) -> None:
     from tests.fusemount import start_mount, stop_mount
 
@@ -162,9 +150,9 @@ def test_idle_appliance_stops_and_kill_9_takes_it_along(guest_repo, tmp_path: Pa
         assert len(appliances) == 1
         # Idle: the appliance stops, then the NBD servers it held.
         deadline = time.monotonic() + 60
-        while _alive(appliances) and time.monotonic() < deadline:
+        while kill_tree_check(appliances) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _alive(appliances) == [], "idle appliance was not shut down"
+        assert kill_tree_check(appliances) == [], "idle appliance was not shut down"
         deadline = time.monotonic() + 30
         while m.server_pids() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -180,9 +168,11 @@ def test_idle_appliance_stops_and_kill_9_takes_it_along(guest_repo, tmp_path: Pa
         m.proc.kill()
         m.proc.wait()
         deadline = time.monotonic() + 30
-        while (_alive(appliances) or _alive(servers)) and time.monotonic() < deadline:
+        while (
+            kill_tree_check(appliances) or kill_tree_check(servers)
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _alive(appliances) == [], "appliance outlived its killed daemon"
-        assert _alive(servers) == [], "qemu-nbd outlived its killed daemon"
+        assert kill_tree_check(appliances) == [], "appliance outlived its killed daemon"
+        assert kill_tree_check(servers) == [], "qemu-nbd outlived its killed daemon"
     finally:
         stop_mount(m)
