@@ -1,15 +1,16 @@
 """snapfs benchmarks against the plain tools on the same image (run through ``scripts/bench``).
 
 Groups of cases; ``--only GROUP`` picks some. Implemented: ``disk`` (a disk image read as a
-file: snapfs vs nbdfuse vs nbdcopy on one qemu-nbd). Planned, not implemented yet: ``guest``
-(guest filesystem trees vs guestmount) and ``write`` (writable restore disks vs nbdfuse).
+file: snapfs vs nbdfuse vs nbdcopy on one qemu-nbd) and ``guest`` (a guest ext4 tree through
+snapfs's ``files/`` vs ``guestmount --ro``: first ls, find, rsync -a, cat; cold host caches,
+fresh mounts). Planned, not implemented yet: ``write`` (writable restore disks vs nbdfuse).
 
-Method (docs/benchmarks.md): every timed case is the median of ``--runs`` runs; the image
-file is kept in the host page cache ("warm") and the FUSE file's pages are evicted before
-each run (``posix_fadvise(DONTNEED)`` on the FUSE file, checked with ``fincore``; falls back
-to ``drop_caches`` and re-warming the image). MB/s are 10^6 bytes per second of the bytes
-the case reads (holes included). Ratios are speed ratios, snapfs ÷ the other tool: > 1
-means snapfs is faster.
+Method of the disk group (docs/benchmarks.md): every timed case is the median of ``--runs``
+runs; the image file is kept in the host page cache ("warm") and the FUSE file's pages are
+evicted before each run (``posix_fadvise(DONTNEED)`` on the FUSE file, checked with
+``fincore``; falls back to ``drop_caches`` and re-warming the image). MB/s are 10^6 bytes
+per second of the bytes the case reads (holes included). Ratios are speed ratios, snapfs ÷
+the other tool: > 1 means snapfs is faster.
 
 Needs root: it evicts caches, writes a bdi's ``read_ahead_kb`` and mounts FUSE filesystems.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -88,6 +90,9 @@ class Options:
     seed: int
     random_reads: int
     tuned_nbdfuse: bool
+    guest_runs: int = 1
+    guest_backend: str = "tcg"
+    guest_debug: bool = False
 
 
 class Bench:
@@ -449,7 +454,6 @@ CaseFn = Callable[[Bench], None]
 Tool = tuple[Path, Callable[[Path], float]]  # the file it reads (evicted first) and the work
 GROUPS: dict[str, list[CaseFn]] = {"disk": []}
 PLANNED = {
-    "guest": "guest filesystems vs guestmount: first ls, find | wc -l, rsync -a, cat 1 GiB",
     "write": "writable restore disks vs nbdfuse",
 }
 
@@ -654,6 +658,333 @@ def disk_page_cache(bench: Bench) -> None:
     bench.add(r2)
 
 
+# -- the guest group: guest filesystem trees, snapfs vs guestmount ---------------------------
+GUEST_FORMAT_VERSION = 1
+GUEST_VM = "bench"
+
+
+@dataclass
+class GuestImage:
+    """An ext4 partition holding ``tree/`` (small files) and ``big/FILE``, in a qcow2."""
+
+    disk_size: int
+    nfiles: int
+    ndirs: int  # directories under (and including) tree/
+    tree_bytes: int
+    big_size: int
+    big_sha256: str
+    repo: Path
+    qcow2: Path
+    src: Path  # the source tree (its big file deleted): what rsync must reproduce
+
+    @property
+    def find_entries(self) -> int:
+        return self.nfiles + self.ndirs
+
+
+def guest_layout(quick: bool) -> dict[str, int]:
+    """tree/dTT/dSS/fNNNNN: TOP x SUB leaf directories of PER files each."""
+    if quick:
+        return {"disk": GiB, "top": 5, "sub": 10, "per": 40, "big": 100 * MiB}
+    # tree/ + 25 + 25 x 20 = 526 directories, 20,000 files of 1-16 KiB (~166 MiB), a 1 GiB file.
+    return {"disk": 4 * GiB, "top": 25, "sub": 20, "per": 40, "big": GiB}
+
+
+def build_guest_image(opts: Options) -> GuestImage:
+    """GPT disk, one ext4 partition (``mkfs.ext4 -d``, no appliance), qcow2, in a repository."""
+    lay = guest_layout(opts.quick)
+    params = {"version": GUEST_FORMAT_VERSION, "seed": opts.seed, **lay}
+    nfiles = lay["top"] * lay["sub"] * lay["per"]
+    base = opts.workdir / f"guest-{nfiles}f-{lay['big'] // MiB}M"
+    marker = base / "image.json"
+    repo = base / "repo"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(marker.read_text())
+        fields_: dict[str, Any] = dict(saved["image"])
+        for key in ("repo", "qcow2", "src"):
+            fields_[key] = Path(fields_[key])
+        img = GuestImage(**fields_)
+        if saved["params"] == json.loads(json.dumps(params)) and img.qcow2.is_file():
+            console.log(f"using the cached guest image {img.qcow2}")
+            return img
+    console.log(f"building a guest image ({nfiles:,} small files, {lay['big'] // MiB} MiB file) "
+                f"in {base}")  # fmt: skip
+    started = time.monotonic()
+    shutil.rmtree(base, ignore_errors=True)
+    src = base / "src"
+    tree = src / "tree"
+    rng = random.Random(opts.seed)
+    tree_bytes = 0
+    n = 0
+    for t in range(lay["top"]):
+        for s in range(lay["sub"]):
+            d = tree / f"d{t:02d}" / f"d{s:02d}"
+            d.mkdir(parents=True)
+            for _ in range(lay["per"]):
+                size = rng.randint(1024, 16 * 1024)
+                (d / f"f{n:05d}").write_bytes(os.urandom(size))
+                tree_bytes += size
+                n += 1
+    ndirs = 1 + lay["top"] + lay["top"] * lay["sub"]
+    (src / "big").mkdir()
+    big = src / "big" / "random.bin"
+    digest = hashlib.sha256()
+    with open(big, "wb") as f:
+        for _ in range(0, lay["big"], 16 * MiB):
+            chunk = os.urandom(16 * MiB)
+            digest.update(chunk)
+            f.write(chunk)
+    # The partition: 1 MiB in, 1 MiB left at the end for the backup GPT.
+    part_size = lay["disk"] - 2 * MiB
+    part = base / "part.img"
+    with open(part, "wb") as f:
+        f.truncate(part_size)
+    run(["mkfs.ext4", "-q", "-F", "-L", "benchroot", "-d", str(src), str(part)])
+    big.unlink()  # only its hash is needed from now on
+    raw = base / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(lay["disk"])
+    run(["sfdisk", "--quiet", str(raw)],
+        input=f"label: gpt\nstart=2048, size={part_size // 512}, type=linux\n")  # fmt: skip
+    run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=sparse,notrunc",
+         "status=none"])  # fmt: skip
+    part.unlink()
+    qcow2 = base / "vda.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
+    raw.unlink()
+    run([*SNAPFS, "repo", "init", str(repo)], capture_output=True)
+    run([*SNAPFS, "repo", "add-snapshot", str(repo), "--vm", GUEST_VM, "--name", "base",
+         "--disk", f"vda={qcow2}"], capture_output=True)  # fmt: skip
+    qcow2.unlink()
+    found = sorted(repo.glob("vms/*/snapshots/*/disks/vda.qcow2"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one vda.qcow2 in {repo}, found {found}")
+    img = GuestImage(lay["disk"], nfiles, ndirs, tree_bytes, lay["big"], digest.hexdigest(),
+                     repo, found[0], src)  # fmt: skip
+    marker.write_text(json.dumps({"params": params, "image": asdict(img)}, indent=1, default=str))
+    console.log(f"built {found[0]} in {time.monotonic() - started:.1f} s")
+    return img
+
+
+GuestTool = str  # "snapfs" | "guestmount"
+
+
+@dataclass
+class GuestMount:
+    """One fresh mount of the guest filesystem by one tool; ``root`` is the guest's /."""
+
+    tool: GuestTool
+    mountpoint: Path
+    root: Path
+    mount_s: float
+    pid: int | None  # the FUSE daemon
+
+
+class GuestFixture:
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.image = build_guest_image(bench.opts)
+        self.tmp = Path(tempfile.mkdtemp(prefix="snapfs-bench-guest-"))
+        bench.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.config = self.tmp / "snapfs.toml"
+        backend = bench.opts.guest_backend
+        self.config.write_text(
+            "[nbd]\nidle_timeout = 86400\n"
+            f'[guestfs]\nbackend = "{backend}"\nidle_timeout_s = 86400\n'
+        )
+        self.env = dict(os.environ)
+        if backend == "tcg":
+            self.env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+        self.out = bench.opts.workdir / "guest-out"
+        self.log = bench.opts.workdir / "snapfs-guest-mount.log"
+        self._n = 0
+
+    @contextlib.contextmanager
+    def mount(self, tool: GuestTool) -> Any:
+        """A fresh mount (its own appliance); unmounted, and the appliance gone, on exit."""
+        self._n += 1
+        mnt = self.tmp / f"{tool}-{self._n}"
+        mnt.mkdir()
+        with contextlib.ExitStack() as scope:
+            if tool == "snapfs":
+                cmd = [*SNAPFS, "mount", "--config", str(self.config), "--log", str(self.log)]
+                if self.bench.opts.guest_debug:
+                    cmd.append("--debug")
+                scope.callback(self._snapfs_umount, mnt)
+                start = time.perf_counter()
+                run([*cmd, str(self.image.repo), str(mnt)])
+                mount_s = time.perf_counter() - start
+                yield GuestMount(tool, mnt, mnt / GUEST_VM / "latest" / "files", mount_s,
+                                 daemon_pid(mnt))  # fmt: skip
+            else:
+                pidfile = self.tmp / f"guestmount-{self._n}.pid"
+                scope.callback(self._guestunmount, mnt, pidfile)
+                start = time.perf_counter()
+                run(["guestmount", "--ro", "--format=qcow2", "-a", str(self.image.qcow2),
+                     "-m", "/dev/sda1", "--pid-file", str(pidfile), str(mnt)],
+                    env=self.env)  # fmt: skip
+                mount_s = time.perf_counter() - start
+                pid = int(pidfile.read_text()) if pidfile.exists() else None
+                yield GuestMount(tool, mnt, mnt, mount_s, pid)
+
+    @staticmethod
+    def _snapfs_umount(mnt: Path) -> None:
+        if is_mounted(mnt) and subprocess.run([*SNAPFS, "umount", str(mnt)],
+                                              check=False).returncode:  # fmt: skip
+            fuse_unmount(mnt)
+
+    @staticmethod
+    def _guestunmount(mnt: Path, pidfile: Path) -> None:
+        pid = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+        if is_mounted(mnt) and subprocess.run(["guestunmount", "--quiet", str(mnt)],
+                                              check=False).returncode:  # fmt: skip
+            fuse_unmount(mnt)
+        if pid is None:
+            return
+        # guestmount exits once its appliance is shut down: wait, so no qemu outlives a case.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _timed(cmd: Sequence[str], **kwargs: Any) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.perf_counter()
+    proc = run(cmd, **kwargs)
+    return time.perf_counter() - start, proc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+GUEST_TOOLS: tuple[GuestTool, GuestTool] = ("snapfs", "guestmount")
+
+
+def _guest_run(fx: GuestFixture, tool: GuestTool, res: dict[str, dict[str, list[float]]],
+               checks: list[str]) -> None:  # fmt: skip
+    """One run of every guest case for ``tool``: two fresh mounts (ls, find, cat | rsync)."""
+    img = fx.image
+    t = res.setdefault(tool, {})
+    # Mount 1: first ls (the appliance launch included), then find over the tree, then cat
+    # of the big file (which lives outside tree/: nothing find touched helps it).
+    drop_caches()
+    start = time.perf_counter()
+    with fx.mount(tool) as m:
+        ls_s, _ = _timed(["ls", "-la", str(m.root)], capture_output=True)
+        t.setdefault("mount", []).append(m.mount_s)
+        t.setdefault("ls", []).append(ls_s)
+        t.setdefault("mount+ls", []).append(time.perf_counter() - start)
+        console.log(f"{tool}: mount {m.mount_s:.2f} s, first ls {ls_s:.2f} s")
+
+        drop_caches()
+        find_s, proc = _timed(
+            ["bash", "-c", 'set -o pipefail; find "$1" | wc -l', "find", str(m.root / "tree")],
+            capture_output=True,
+        )
+        count = int(proc.stdout.strip())
+        t.setdefault("find", []).append(find_s)
+        if count != img.find_entries:
+            checks.append(f"FAILED {tool} find: {count} entries, expected {img.find_entries}")
+        console.log(f"{tool}: find | wc -l {find_s:.2f} s ({count:,} entries)")
+
+        drop_caches()
+        shm = Path("/dev/shm") / f"snapfs-bench-cat-{tool}"
+        fx.bench.stack.callback(shm.unlink, missing_ok=True)
+        try:
+            with open(shm, "wb") as out:
+                cat_s, _ = _timed(["cat", str(m.root / "big" / "random.bin")], stdout=out)
+            sha = _sha256(shm)
+        finally:
+            shm.unlink(missing_ok=True)
+        t.setdefault("cat", []).append(cat_s)
+        ok = sha == img.big_sha256
+        checks.append(f"{'ok' if ok else 'FAILED'} {tool} cat: sha256 "
+                      f"{'equal to' if ok else 'differs from'} the source file")  # fmt: skip
+        console.log(f"{tool}: cat {cat_s:.2f} s, sha256 {'ok' if ok else 'WRONG'}")
+
+    # Mount 2: rsync -a of the tree on a fresh appliance (nothing listed or read yet).
+    dest = fx.out / tool
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with fx.mount(tool) as m:
+        run(["ls", str(m.root)], capture_output=True)  # launch the appliance, untimed
+        drop_caches()
+        before = proc_io(m.pid)
+        rsync_s, _ = _timed(["rsync", "-a", f"{m.root / 'tree'}/", f"{dest}/"])
+        t.setdefault("rsync", []).append(rsync_s)
+        io = io_delta(before, proc_io(m.pid))
+        console.log(f"{tool}: rsync -a {rsync_s:.2f} s (daemon io {io})")
+    diff = subprocess.run(["diff", "-rq", str(img.src / "tree"), str(dest)],
+                          capture_output=True, text=True)  # fmt: skip
+    ok = diff.returncode == 0
+    checks.append(f"{'ok' if ok else 'FAILED'} {tool} rsync: diff -r against the source tree "
+                  f"{'identical' if ok else diff.stdout[:500]}")  # fmt: skip
+
+
+@case("guest")
+def guest_all(bench: Bench) -> None:
+    """snapfs files/ vs guestmount --ro on one ext4 image: first ls, find, rsync -a, cat."""
+    fx = GuestFixture(bench)
+    img = fx.image
+    bench.info["guest_image"] = asdict(img)
+    bench.info["guest_backend"] = bench.opts.guest_backend
+    res: dict[str, dict[str, list[float]]] = {}
+    checks: list[str] = []
+    bench.stack.callback(shutil.rmtree, fx.out, ignore_errors=True)
+    runs = bench.opts.guest_runs
+    for i in range(runs):
+        # Alternate which tool goes first (the machine is shared; drift hits both).
+        for tool in GUEST_TOOLS if i % 2 == 0 else GUEST_TOOLS[::-1]:
+            console.rule(f"guest run {i + 1}/{runs}: {tool}")
+            _guest_run(fx, tool, res, checks)
+        # Both outputs against each other, metadata included (modes, times, sizes, contents).
+        cmp = run(["rsync", "-ain", "--checksum", "--delete", f"{fx.out / 'guestmount'}/",
+                   f"{fx.out / 'snapfs'}/"], capture_output=True).stdout.strip()  # fmt: skip
+        checks.append(("ok" if not cmp else "FAILED") + " rsync outputs of both tools: "
+                      + ("identical (rsync -ain --checksum: no differences)" if not cmp
+                         else cmp[:500]))  # fmt: skip
+    snap, gm = res["snapfs"], res["guestmount"]
+    mib = img.tree_bytes / MiB
+    cases = [
+        ("1 mount + first ls of the guest root", "mount+ls", 0, 1.0),
+        (f"2 find | wc -l ({img.find_entries:,} entries)", "find", 0, None),
+        (f"3 rsync -a of tree/ ({img.nfiles:,} files, {mib:,.0f} MiB)", "rsync", img.tree_bytes,
+         3.0),
+        (f"4 cat of a {img.big_size // MiB:,} MiB file", "cat", img.big_size, 3.0),
+    ]  # fmt: skip
+    for name, key, nbytes, target in cases:
+        s = bench.add(Row("guest", name, "snapfs", nbytes, snap[key]))
+        g = Row("guest", name, "guestmount", nbytes, gm[key])
+        g.ratio = g.median / s.median
+        if target is not None:
+            g.target = f"≥ {target:g}x"
+            g.met = g.ratio >= target
+        bench.add(g)
+        if key == "mount+ls":
+            for tool, parts in (("snapfs", snap), ("guestmount", gm)):
+                what = "(launch on first ls)" if tool == "snapfs" else "(launch in mount)"
+                bench.add(Row("guest", name, f"  {tool}: mount command {what}", 0,
+                              parts["mount"]))  # fmt: skip
+                bench.add(Row("guest", name, f"  {tool}: first ls", 0, parts["ls"]))
+    bench.info["guest_checks"] = checks
+    for line in checks:
+        console.log(line)
+    if any(c.startswith("FAILED") for c in checks):
+        raise RuntimeError("guest group: a correctness check failed (see above)")
+
+
 # -- output ----------------------------------------------------------------------------------
 def results_table(rows: list[Row], title: str) -> Table:
     table = Table(title=title)
@@ -668,7 +999,7 @@ def results_table(rows: list[Row], title: str) -> Table:
             row.case if row.case != last_case else "",
             row.tool,
             f"{row.median:.3f}",
-            f"{row.mbps:,.0f}",
+            f"{row.mbps:,.0f}" if row.nbytes else "",
             f"{row.ratio:.2f}x" if row.ratio is not None else "",
             row.target,
             met,
@@ -712,9 +1043,17 @@ def parse_args(argv: list[str] | None) -> Options:
         default=Path("/var/tmp/snapfs-bench"),
         help="where the test image is built and cached (default: %(default)s)",
     )
-    p.add_argument("--runs", type=int, default=None, help="runs per case (median; default 3)")
     p.add_argument(
-        "--quick", action="store_true", help="smoke check: 512 MiB image, 1 run, 2,000 random reads"
+        "--runs",
+        type=int,
+        default=None,
+        help="runs per case (median; default: disk 3, guest 1 (a guestmount run takes minutes))",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check, 1 run: disk: 512 MiB image, 2,000 random reads; "
+        "guest: 2,000 files and a 100 MiB file",
     )
     p.add_argument(
         "--only",
@@ -731,11 +1070,21 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_false",
         help="skip the context rows of nbdfuse with read_ahead_kb=1024",
     )
+    p.add_argument(
+        "--guest-backend",
+        choices=("tcg", "kvm"),
+        default="tcg",
+        help="accelerator of both appliances in the guest group (default: %(default)s; "
+        "KVM guests hang on our machines)",
+    )
+    p.add_argument(
+        "--guest-debug", action="store_true", help="mount snapfs with --debug in the guest group"
+    )
     a = p.parse_args(argv)  # fmt: skip
     runs = a.runs if a.runs is not None else (1 if a.quick else 3)
     reads = a.random_reads if a.random_reads is not None else (2000 if a.quick else 20000)
     return Options(a.workdir, runs, a.quick, a.only or sorted(GROUPS), a.json_path, a.seed,
-                   reads, a.tuned)  # fmt: skip
+                   reads, a.tuned, a.runs or 1, a.guest_backend, a.guest_debug)  # fmt: skip
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
@@ -758,7 +1107,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         bench = Bench(opts, stack)
-        bench.info = machine_info() | {"runs": opts.runs, "quick": opts.quick}
+        bench.info = machine_info() | {
+            "runs": opts.runs,
+            "guest_runs": opts.guest_runs,
+            "quick": opts.quick,
+        }
         try:
             for group in opts.only:
                 for fn in GROUPS[group]:
@@ -770,10 +1123,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if bench.rows:
                 mode = "quick" if opts.quick else "full"
-                title = f"snapfs benchmarks ({mode}, median of {opts.runs}, warm image)"
+                runs = f"{opts.runs}" if opts.only != ["guest"] else f"{opts.guest_runs}"
+                if "disk" in opts.only and "guest" in opts.only:
+                    runs = f"{opts.runs} (guest: {opts.guest_runs})"
+                title = f"snapfs benchmarks ({mode}, median of {runs})"
                 out = Console(width=max(150, Console().width))
                 out.print(results_table(bench.rows, title))
-                out.print(f"bdi read_ahead_kb of the mounts: {bench.info.get('read_ahead_kb')}")
+                if "read_ahead_kb" in bench.info:
+                    ra = bench.info["read_ahead_kb"]
+                    out.print(f"bdi read_ahead_kb of the mounts: {ra}")
+                for line in bench.info.get("guest_checks", []):
+                    out.print(f"  check: {line}")
                 for row in bench.rows:
                     if row.note:
                         out.print(f"  {row.case} / {row.tool}: {row.note}")
