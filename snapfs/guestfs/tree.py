@@ -99,6 +99,11 @@ class GuestTree:
         self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
         self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
         self._devmaps: dict[int, ext_mod.DeviceMap | None] = {}
+        # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
+        # the subtrees fetched completely, and those tried (fetched at most once).
+        self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
+        self._subtree_done: dict[int, set[bytes]] = {}
+        self._subtree_tried: dict[int, set[bytes]] = {}
         self._chunks: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self.stats = {"mapped_reads": 0, "appliance_reads": 0, "dir_fetches": 0}
 
@@ -122,8 +127,12 @@ class GuestTree:
         taken: set[str] = set()
         for device, fstype in filesystems.items():
             if fstype in _NOT_BROWSABLE:
-                log.info("guestfs %s: %s (%s) has no browsable filesystem",
-                         self.session.name, device, fstype)
+                log.info(
+                    "guestfs %s: %s (%s) has no browsable filesystem",
+                    self.session.name,
+                    device,
+                    fstype,
+                )
                 continue
             name = _volume_name(device, devices, names)
             base, n = name, 2
@@ -137,26 +146,34 @@ class GuestTree:
         roots = g.inspect_os()
         if roots:
             if len(roots) > 1:
-                log.warning("guestfs %s: %d operating systems found; files/ shows %s",
-                            self.session.name, len(roots), roots[0])
+                log.warning(
+                    "guestfs %s: %d operating systems found; files/ shows %s",
+                    self.session.name,
+                    len(roots),
+                    roots[0],
+                )
             mps: dict[str, str] = g.inspect_get_mountpoints(roots[0])
             os_mounts = {}
             for mp, dev in mps.items():
                 vol = by_device.get(dev)
                 if vol is None:
-                    log.warning("guestfs %s: mountpoint %s: device %s not found",
-                                self.session.name, mp, dev)
+                    log.warning(
+                        "guestfs %s: mountpoint %s: device %s not found", self.session.name, mp, dev
+                    )
                     continue
                 os_mounts[mp.encode()] = vol
             if b"/" not in os_mounts:
                 os_mounts = None
         g.umount_all()
         log.info(
-            "guestfs %s: %d volume(s): %s; %s", self.session.name, len(volumes),
+            "guestfs %s: %d volume(s): %s; %s",
+            self.session.name,
+            len(volumes),
             ", ".join(f"{v.name}={v.device}({v.fstype})" for v in volumes),
-            "OS mountpoints " + ", ".join(
-                f"{mp.decode()}={v.name}" for mp, v in sorted(os_mounts.items())
-            ) if os_mounts else "no OS found",
+            "OS mountpoints "
+            + ", ".join(f"{mp.decode()}={v.name}" for mp, v in sorted(os_mounts.items()))
+            if os_mounts
+            else "no OS found",
         )
         return _Discovery(devices, volumes, os_mounts)
 
@@ -244,14 +261,23 @@ class GuestTree:
         )
 
     def _stat_from_statns(self, vol: Volume, st: dict[str, int]) -> GuestStat:
-        return self._stat(vol, {
-            "ino": st["st_ino"], "mode": st["st_mode"], "nlink": st["st_nlink"],
-            "uid": st["st_uid"], "gid": st["st_gid"], "rdev": st["st_rdev"],
-            "size": st["st_size"], "blocks": st["st_blocks"], "blksize": st["st_blksize"],
-            "atime_ns": st["st_atime_sec"] * 1_000_000_000 + st["st_atime_nsec"],
-            "mtime_ns": st["st_mtime_sec"] * 1_000_000_000 + st["st_mtime_nsec"],
-            "ctime_ns": st["st_ctime_sec"] * 1_000_000_000 + st["st_ctime_nsec"],
-        })
+        return self._stat(
+            vol,
+            {
+                "ino": st["st_ino"],
+                "mode": st["st_mode"],
+                "nlink": st["st_nlink"],
+                "uid": st["st_uid"],
+                "gid": st["st_gid"],
+                "rdev": st["st_rdev"],
+                "size": st["st_size"],
+                "blocks": st["st_blocks"],
+                "blksize": st["st_blksize"],
+                "atime_ns": st["st_atime_sec"] * 1_000_000_000 + st["st_atime_nsec"],
+                "mtime_ns": st["st_mtime_sec"] * 1_000_000_000 + st["st_mtime_nsec"],
+                "ctime_ns": st["st_ctime_sec"] * 1_000_000_000 + st["st_ctime_nsec"],
+            },
+        )
 
     async def _root(self, vol: Volume) -> tuple[GuestStat, dict[bytes, bytes]]:
         cached = self._roots.get(vol.index)
@@ -330,17 +356,19 @@ class GuestTree:
         return _Dir(entries, links, xattrs)
 
     def _list_shell(self, g: Any, state: LaunchState, vol: Volume, apath: bytes) -> _Dir:
-        script = "\n".join([
-            sh_bytes("D", b"/sysroot" + apath),
-            'cd -- "$D" || exit 3',
-            "printf '/S\\0'",
-            f"find . -mindepth 1 -maxdepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
-            "printf '/L\\0'",
-            "find . -mindepth 1 -maxdepth 1 -type l -printf '%f\\0%l\\0'",
-            "printf '/X\\0'",
-            "find . -mindepth 1 -maxdepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
-            "true",
-        ])
+        script = "\n".join(
+            [
+                sh_bytes("D", b"/sysroot" + apath),
+                'cd -- "$D" || exit 3',
+                "printf '/S\\0'",
+                f"find . -mindepth 1 -maxdepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
+                "printf '/L\\0'",
+                "find . -mindepth 1 -maxdepth 1 -type l -printf '%f\\0%l\\0'",
+                "printf '/X\\0'",
+                "find . -mindepth 1 -maxdepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
+                "true",
+            ]
+        )
         status, out = run_script(g, state, script)
         if status != 0:
             raise GuestfsError(f"listing {apath!r}: {script_error(g)}", errno=errno.EIO)
@@ -457,10 +485,7 @@ class GuestTree:
     ) -> bytes | None:
         assert self.read_raw is not None
         parent, _ = _split(vpath)
-        listing = await self._dir(vol, parent)
-        if listing.extents is None:
-            listing.extents = await self._fetch_extents(vol, parent, listing)
-        extents = listing.extents.get(st.guest_ino)
+        extents = await self._extents_of(vol, parent, st)
         if extents is None:
             return None
         if vol.index not in self._devmaps:
@@ -475,6 +500,71 @@ class GuestTree:
         names = [self.session.disk_name(i) for i in range(len(disc.devices))]
         return await ext_mod.read_mapped(plan, names, self.read_raw)
 
+    async def _extents_of(self, vol: Volume, parent: bytes, st: GuestStat) -> list[Extent] | None:
+        """The file's extents: from a subtree batch when one covers it, else per directory."""
+        known = self._subtree_extents.setdefault(vol.index, {})
+        covered = self._subtree_done.setdefault(vol.index, set())
+        if not _covered(parent, covered) and parent not in self._subtree_tried.setdefault(
+            vol.index, set()
+        ):
+            self._subtree_tried[vol.index].add(parent)
+            complete, found = await self._fetch_subtree_extents(vol, parent)
+            known.update(found)
+            if complete:
+                covered.add(parent)
+        entry = known.get(st.guest_ino)
+        if entry is not None and entry[0] == st.size:
+            return entry[1]
+        if _covered(parent, covered):
+            return None  # in a complete batch but unmappable (or its size disagreed)
+        listing = await self._dir(vol, parent)
+        if listing.extents is None:
+            listing.extents = await self._fetch_extents(vol, parent, listing)
+        return listing.extents.get(st.guest_ino)
+
+    async def _fetch_subtree_extents(
+        self, vol: Volume, top: bytes
+    ) -> tuple[bool, dict[int, tuple[int, list[Extent] | None]]]:
+        def fetch(g: Any, state: LaunchState) -> bytes | None:
+            mp = self._mount_sync(g, state, vol)
+            apath = mp.encode() + (b"" if top == b"/" else top)
+            status, out = run_script(g, state, ext_mod.filefrag_subtree_script(b"/sysroot" + apath))
+            if status != 0:
+                log.warning(
+                    "guestfs %s: filefrag below %r failed: %s",
+                    self.session.name,
+                    apath,
+                    script_error(g),
+                )
+                return None
+            return out
+
+        try:
+            out = await self.session.call(fetch)
+        except SnapfsError as exc:
+            log.warning(
+                "guestfs %s: no extent maps below %s:%r: %s",
+                self.session.name,
+                vol.name,
+                top,
+                exc.message,
+            )
+            return False, {}
+        if out is None:
+            return False, {}
+        complete, found = ext_mod.parse_filefrag_subtree(out)
+        if not found and out.count(b"File size of"):
+            complete = False  # sections did not line up: trust nothing, fall back
+        log.info(
+            "guestfs %s: extent maps of %d files below %s:%r%s",
+            self.session.name,
+            len(found),
+            vol.name,
+            top,
+            "" if complete else " (partial)",
+        )
+        return complete, found
+
     async def _fetch_extents(
         self, vol: Volume, parent: bytes, listing: _Dir
     ) -> dict[int, list[Extent] | None]:
@@ -483,16 +573,25 @@ class GuestTree:
             apath = mp.encode() + (b"" if parent == b"/" else parent)
             status, out = run_script(g, state, ext_mod.filefrag_script(b"/sysroot" + apath))
             if status != 0:
-                log.warning("guestfs %s: filefrag in %r failed: %s",
-                            self.session.name, apath, script_error(g))
+                log.warning(
+                    "guestfs %s: filefrag in %r failed: %s",
+                    self.session.name,
+                    apath,
+                    script_error(g),
+                )
                 return None
             return out
 
         try:
             out = await self.session.call(fetch)
         except SnapfsError as exc:
-            log.warning("guestfs %s: no extent maps for %s:%r: %s",
-                        self.session.name, vol.name, parent, exc.message)
+            log.warning(
+                "guestfs %s: no extent maps for %s:%r: %s",
+                self.session.name,
+                vol.name,
+                parent,
+                exc.message,
+            )
             return {}
         parsed = ext_mod.parse_filefrag(out) if out is not None else {}
         sizes = {st.guest_ino: st.size for st in listing.entries.values() if st.is_reg}
@@ -512,13 +611,19 @@ class GuestTree:
         try:
             out = await self.session.call(fetch)
         except SnapfsError as exc:
-            log.warning("guestfs %s: no device map for %s: %s",
-                        self.session.name, vol.name, exc.message)
+            log.warning(
+                "guestfs %s: no device map for %s: %s", self.session.name, vol.name, exc.message
+            )
             return None
         devmap = ext_mod.parse_devmap(out, disk_index)
         if devmap is None:
-            log.info("guestfs %s: volume %s (%s) cannot be mapped to disk offsets: reads go "
-                     "through the appliance", self.session.name, vol.name, vol.device)
+            log.info(
+                "guestfs %s: volume %s (%s) cannot be mapped to disk offsets: reads go "
+                "through the appliance",
+                self.session.name,
+                vol.name,
+                vol.device,
+            )
         return devmap
 
     async def read_via_appliance(
@@ -572,15 +677,28 @@ class GuestTree:
         if alias is not None:
             return alias
         alias = f"/.snapfs/a{len(state.aliases)}"
-        script = "\n".join([
-            sh_bytes("F", b"/sysroot" + apath),
-            f"touch /sysroot{alias} && mount --bind \"$F\" /sysroot{alias}",
-        ])
+        script = "\n".join(
+            [
+                sh_bytes("F", b"/sysroot" + apath),
+                f'touch /sysroot{alias} && mount --bind "$F" /sysroot{alias}',
+            ]
+        )
         status, _ = run_script(g, state, script)
         if status != 0:
             raise GuestfsError(f"cannot alias {apath!r}: {script_error(g)}", errno=errno.EIO)
         state.aliases[apath] = alias
         return alias
+
+
+def _covered(path: bytes, tops: set[bytes]) -> bool:
+    """Whether ``path`` is one of ``tops`` or below one of them."""
+    if path in tops or b"/" in tops:
+        return True
+    while path not in (b"", b"/"):
+        path = path.rsplit(b"/", 1)[0] or b"/"
+        if path in tops:
+            return True
+    return False
 
 
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
@@ -601,7 +719,7 @@ def _volume_name(device: str, devices: Sequence[str], disk_names: Sequence[str])
         if device == disk:
             return disk_names[i]
         if device.startswith(disk) and device[len(disk) :].isdigit():
-            return f"{disk_names[i]}{device[len(disk):]}"
+            return f"{disk_names[i]}{device[len(disk) :]}"
     parts = device.split("/")
     if len(parts) == 4 and parts[1] == "dev":  # /dev/VG/LV
         return f"{parts[2]}-{parts[3]}"
