@@ -504,14 +504,17 @@ class GuestTree:
         """The file's extents: from a subtree batch when one covers it, else per directory."""
         known = self._subtree_extents.setdefault(vol.index, {})
         covered = self._subtree_done.setdefault(vol.index, set())
-        if not _covered(parent, covered) and parent not in self._subtree_tried.setdefault(
-            vol.index, set()
-        ):
-            self._subtree_tried[vol.index].add(parent)
-            complete, found = await self._fetch_subtree_extents(vol, parent)
+        tried = self._subtree_tried.setdefault(vol.index, set())
+        # The whole volume first (one script for up to SUBTREE_BATCH files); a volume too big
+        # for one batch is then taken a subtree at a time, from the file's directory down.
+        for top in (b"/", parent):
+            if _covered(parent, covered) or top in tried:
+                continue
+            tried.add(top)
+            complete, found = await self._fetch_subtree_extents(vol, top)
             known.update(found)
             if complete:
-                covered.add(parent)
+                covered.add(top)
         entry = known.get(st.guest_ino)
         if entry is not None and entry[0] == st.size:
             return entry[1]
