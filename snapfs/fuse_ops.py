@@ -189,7 +189,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._handle(fh).flush()
+        await self._handle(fh).fsync()
 
     @errno_boundary
     async def release(self, fh: int) -> None:

@@ -30,6 +30,7 @@ from snapfs.libvirt.jobs import is_libvirt_uri
 from snapfs.libvirt.source import LiveJobs
 from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
 from snapfs.nbd.export import ExportManager
+from snapfs.restore_guest_vfs import RestoreGuests
 from snapfs.restore_tree import RestoreRoot
 from snapfs.sources import load_source, repository_of
 from snapfs.vfs import Dir, Tree, build_tree
@@ -107,13 +108,15 @@ async def serve(
                 nursery.start_soon(live.reap_idle, exports)
             repo = repository_of(source)
 
-            def add_restore_area(tree: Tree, root: Dir) -> None:
-                if repo is not None:
-                    root.add(RestoreRoot(tree, root, repo))
-
             pool = AppliancePool(settings.guestfs)
             nursery.start_soon(pool.run)
             guest_files = GuestFiles(pool, settings.guestfs)
+            restore_guests = RestoreGuests(pool, settings.guestfs)
+
+            def add_restore_area(tree: Tree, root: Dir) -> None:
+                if repo is not None:
+                    root.add(RestoreRoot(tree, root, repo, guests=restore_guests))
+
             tree, _root = build_tree(
                 catalog,
                 exports,
@@ -136,6 +139,7 @@ async def serve(
                     # Unmount first so that no request waits on a stopping server.
                     pyfuse3.close(unmount=True)
                     # Appliances first: they are clients of the exports.
+                    await restore_guests.aclose()  # sync + umount into the NBD servers
                     await guest_files.aclose()
                     await pool.aclose()
                     await exports.stop_all()

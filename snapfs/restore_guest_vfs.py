@@ -477,7 +477,7 @@ class _RwHandle(OpenFile):
     keep_cache = False  # written through this mount, and changed by relaunches
     # fuse_ops answers fsync with flush(): until it calls fsync() itself, every close syncs
     # the appliance, so that what was fsynced is in the image.
-    sync_on_flush = True
+    sync_on_flush = False  # fsync syncs the appliance; a close only sends buffered writes
 
     def __init__(self, node: RwGuestFile, writable: bool) -> None:
         self._node = node

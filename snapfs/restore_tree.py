@@ -22,6 +22,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +30,9 @@ from snapfs.errors import ReadOnly, SnapfsError, SnapfsUserError
 from snapfs.nbd.export import DiskExport
 from snapfs.restore import store
 from snapfs.restore.model import RestoreDisk
+
+if TYPE_CHECKING:
+    from snapfs.restore_guest_vfs import RestoreGuests
 from snapfs.vfs import (
     AttrChanges,
     Attrs,
@@ -211,7 +215,14 @@ class RestoreDir(Dir):
 
     __slots__ = ("restore", "state")
 
-    def __init__(self, tree: Tree, parent: RestoreRoot, name: bytes, restore: RestoreDisk) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        parent: RestoreRoot,
+        name: bytes,
+        restore: RestoreDisk,
+        guests: RestoreGuests | None = None,
+    ) -> None:
         super().__init__(
             tree,
             parent.child_ino(name),
@@ -226,6 +237,9 @@ class RestoreDir(Dir):
         if restore.error is None:
             self.add(RestoreDiskFile(tree, self, restore))
             self.add(BytesFile(tree, self, META_FILE, _metadata(restore), self.mtime_ns))
+            if guests is not None:
+                # files/ and volumes/, read-write (after disk.img: they use its export).
+                guests.add(tree, self)
 
     async def getattr(self) -> Attrs:
         return (await super().getattr())._replace(ttl=RESTORE_TTL_S)
@@ -255,11 +269,14 @@ def _metadata(restore: RestoreDisk) -> bytes:
 class RestoreRoot(Dir):
     """``restore/``: the repository's restore disks; ``mkdir`` creates one."""
 
-    __slots__ = ("_listed_at", "repo")
+    __slots__ = ("_listed_at", "guests", "repo")
 
-    def __init__(self, tree: Tree, parent: Dir, repo: Path) -> None:
+    def __init__(
+        self, tree: Tree, parent: Dir, repo: Path, guests: RestoreGuests | None = None
+    ) -> None:
         super().__init__(tree, parent.child_ino(RESTORE_DIR), RESTORE_DIR, parent)
         self.repo = repo
+        self.guests = guests
         self._listed_at = 0.0
 
     async def getattr(self) -> Attrs:
@@ -286,7 +303,7 @@ class RestoreRoot(Dir):
             node = old.get(name)
             # Keep the node (its open handles, its guard state) while it is the same disk.
             if not (isinstance(node, RestoreDir) and node.restore == restore):
-                node = RestoreDir(self.tree, self, name, restore)
+                node = RestoreDir(self.tree, self, name, restore, self.guests)
             new[name] = node
         self._children = new
         self._listed_at = time.monotonic()

@@ -308,6 +308,10 @@ class OpenFile:
     async def flush(self) -> None:
         return None
 
+    async def fsync(self) -> None:
+        """Make what was written durable (default: the same as ``flush``)."""
+        await self.flush()
+
     async def release(self) -> None:
         return None
 
