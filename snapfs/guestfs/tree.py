@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat as stat_mod
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class GuestTree:
         self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
         self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
         self._devmaps: dict[int, ext_mod.DeviceMap | None] = {}
+        self._tree_tried: set[int] = set()  # volumes whose whole tree was fetched (or tried)
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
         # the subtrees fetched completely, and those tried (fetched at most once).
         self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
@@ -312,11 +314,108 @@ class GuestTree:
                     raise NotFound(f"{vol.name}:{vpath!r}: no such directory")
                 if not st.is_dir:
                     raise NotADirectory(f"{vol.name}:{vpath!r}: not a directory")
+            if vol.index not in self._tree_tried and self.session.readonly is not False:
+                # First listing in this volume: take the whole volume in one script (up to
+                # TREE_BATCH entries). Under TCG a round trip per directory is what made
+                # rsync of 20,000 files slow (docs/benchmarks.md).
+                self._tree_tried.add(vol.index)
+                await self._prefetch_tree(vol)
+                cached = self._dirs.get(key)
+                if cached is not None:
+                    self._dir_locks.pop(key, None)
+                    return cached
             listing = await self.session.call(lambda g, s: self._list_sync(g, s, vol, vpath))
             self.stats["dir_fetches"] += 1
             self._dirs[key] = listing
             self._dir_locks.pop(key, None)
             return listing
+
+    async def _prefetch_tree(self, vol: Volume) -> None:
+        """Fill the listing cache for every directory of ``vol`` from one appliance script."""
+        started = time.monotonic()
+
+        def fetch(g: Any, state: LaunchState) -> bytes | None:
+            mp = self._mount_sync(g, state, vol)
+            script = "\n".join(
+                [
+                    sh_bytes("D", b"/sysroot" + mp.encode()),
+                    'cd -- "$D" || exit 3',
+                    f'[ "$(find . -xdev | head -n {TREE_BATCH + 2} | wc -l)" -gt {TREE_BATCH} ]'
+                    " && exit 4",
+                    "printf '/S\\0'",
+                    f"find . -xdev -mindepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
+                    "printf '/L\\0'",
+                    "find . -xdev -mindepth 1 -type l -printf './%P\\0%l\\0'",
+                    "printf '/X\\0'",
+                    "find . -xdev -mindepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
+                    "true",
+                ]
+            )
+            status, out = run_script(g, state, script)
+            return out if status == 0 else None
+
+        try:
+            out = await self.session.call(fetch)
+        except SnapfsError as exc:
+            log.info(
+                "guestfs %s: no tree prefetch of %s: %s", self.session.name, vol.name, exc.message
+            )
+            return
+        if out is None:
+            log.info(
+                "guestfs %s: %s has over %d entries: listed a directory at a time",
+                self.session.name,
+                vol.name,
+                TREE_BATCH,
+            )
+            return
+        try:
+            listings = self._parse_tree(vol, out)
+        except ValueError as exc:
+            log.warning(
+                "guestfs %s: tree prefetch of %s unusable: %s", self.session.name, vol.name, exc
+            )
+            return
+        for vpath, listing in listings.items():
+            self._dirs.setdefault((vol.index, vpath), listing)
+        log.info(
+            "guestfs %s: listed %d directories of %s in one pass (%.1f s)",
+            self.session.name,
+            len(listings),
+            vol.name,
+            time.monotonic() - started,
+        )
+
+    def _parse_tree(self, vol: Volume, out: bytes) -> dict[bytes, _Dir]:
+        stat_part, sep1, rest = out.partition(b"/L\0")
+        link_part, sep2, xattr_part = rest.partition(b"/X\0")
+        if not (sep1 and sep2 and stat_part.startswith(b"/S\0")):
+            raise ValueError("sections missing")
+        listings: dict[bytes, _Dir] = {b"/": _Dir({}, {}, {})}
+
+        def split(path: bytes) -> tuple[bytes, bytes]:
+            # "./a/b" → ("/a", "b")
+            rel = path[2:] if path.startswith(b"./") else path
+            head, _, name = rel.rpartition(b"/")
+            return b"/" + head, name
+
+        for record in stat_part[3:].split(b"\0"):
+            if not record:
+                continue
+            path, fields = parse_stat_record(record)
+            parent, name = split(path)
+            st = self._stat(vol, fields)
+            listings.setdefault(parent, _Dir({}, {}, {})).entries[name] = st
+            if st.is_dir:
+                listings.setdefault(parent.rstrip(b"/") + b"/" + name, _Dir({}, {}, {}))
+        parts = link_part.split(b"\0")
+        for i in range(0, len(parts) - 1, 2):
+            parent, name = split(parts[i])
+            listings.setdefault(parent, _Dir({}, {}, {})).links[name] = parts[i + 1]
+        for path, attrs in parse_getfattr(xattr_part).items():
+            parent, name = split(b"./" + path)
+            listings.setdefault(parent, _Dir({}, {}, {})).xattrs[name] = attrs
+        return listings
 
     def _list_sync(self, g: Any, state: LaunchState, vol: Volume, vpath: bytes) -> _Dir:
         mp = self._mount_sync(g, state, vol)
@@ -691,6 +790,11 @@ class GuestTree:
             raise GuestfsError(f"cannot alias {apath!r}: {script_error(g)}", errno=errno.EIO)
         state.aliases[apath] = alias
         return alias
+
+
+# Entries per whole-volume listing: one script lists a volume up to this size (about 200
+# bytes of output an entry); bigger volumes are listed a directory at a time.
+TREE_BATCH = 100_000
 
 
 def _covered(path: bytes, tops: set[bytes]) -> bool:

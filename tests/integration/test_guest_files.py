@@ -157,11 +157,14 @@ def test_idle_appliance_stops_and_kill_9_takes_it_along(guest_repo, tmp_path: Pa
         while m.server_pids() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert m.server_pids() == []
-        # Cached listings need no appliance (file data may come straight from NBD); a
-        # directory not listed before relaunches it.
+        # Cached listings need no appliance, nor does data mapped straight to NBD; a file
+        # only the appliance can read (a name with a newline is never extent-mapped)
+        # relaunches it.
         assert "a.txt" in os.listdir(files)
-        assert (files / "small").read_bytes() == (_tree / "small").read_bytes()
         assert len(os.listdir(files / "dir" / "deep")) == 201
+        assert (files / "small").read_bytes() == (_tree / "small").read_bytes()
+        assert kill_tree_check(_appliances_of(m.proc.pid)) == []
+        assert (files / "new\nline").read_bytes() == b"newline name\n"
         appliances = _appliances_of(m.proc.pid)
         assert len(appliances) == 1
         servers = m.server_pids()
