@@ -100,7 +100,8 @@ class GuestTree:
         self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
         self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
         self._devmaps: dict[int, ext_mod.DeviceMap | None] = {}
-        self._tree_tried: set[int] = set()  # volumes whose whole tree was fetched (or tried)
+        # Volumes whose whole tree is being (or was) fetched in the background.
+        self._tree_prefetch: dict[int, trio.Event] = {}
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
         # the subtrees fetched completely, and those tried (fetched at most once).
         self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
@@ -314,12 +315,10 @@ class GuestTree:
                     raise NotFound(f"{vol.name}:{vpath!r}: no such directory")
                 if not st.is_dir:
                     raise NotADirectory(f"{vol.name}:{vpath!r}: not a directory")
-            if vol.index not in self._tree_tried and self.session.readonly is not False:
-                # First listing in this volume: take the whole volume in one script (up to
-                # TREE_BATCH entries). Under TCG a round trip per directory is what made
-                # rsync of 20,000 files slow (docs/benchmarks.md).
-                self._tree_tried.add(vol.index)
-                await self._prefetch_tree(vol)
+            prefetching = self._tree_prefetch.get(vol.index)
+            if prefetching is not None and not prefetching.is_set():
+                # The whole tree is on its way: one wait instead of a round trip of our own.
+                await prefetching.wait()
                 cached = self._dirs.get(key)
                 if cached is not None:
                     self._dir_locks.pop(key, None)
@@ -328,7 +327,22 @@ class GuestTree:
             self.stats["dir_fetches"] += 1
             self._dirs[key] = listing
             self._dir_locks.pop(key, None)
+            if vol.index not in self._tree_prefetch and self.session.readonly is not False:
+                # After the first listing of a volume (so that it is not delayed), list the
+                # whole volume in one script in the background (up to TREE_BATCH entries):
+                # under TCG a round trip per directory is what made rsync of 20,000 files
+                # slow (docs/benchmarks.md).
+                done = self._tree_prefetch[vol.index] = trio.Event()
+                trio.lowlevel.spawn_system_task(self._prefetch_in_background, vol, done)
             return listing
+
+    async def _prefetch_in_background(self, vol: Volume, done: trio.Event) -> None:
+        try:
+            await self._prefetch_tree(vol)
+        except Exception:  # a background helper must never take the mount down
+            log.exception("guestfs %s: tree prefetch of %s failed", self.session.name, vol.name)
+        finally:
+            done.set()
 
     async def _prefetch_tree(self, vol: Volume) -> None:
         """Fill the listing cache for every directory of ``vol`` from one appliance script."""
