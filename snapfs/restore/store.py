@@ -19,15 +19,13 @@ errno the mount should answer, e.g. EEXIST for a name in use); qemu-img failures
 from __future__ import annotations
 
 import errno as errno_mod
-import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -412,23 +410,9 @@ def source_snapshot_disk(root: Path, disk: RestoreDisk) -> SnapshotDisk | None:
 # --- creating -----------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    # The same lock as catalog.writer: one change to the repository at a time.
-    fd = os.open(root / repo.MARKER, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# The writer's lock (one change to the repository at a time) and its fsync helper.
+_locked = writer._locked
+_fsync = writer._fsync_path
 
 
 def _default_name(top: Path, base: str) -> str:
