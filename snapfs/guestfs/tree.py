@@ -100,6 +100,7 @@ class GuestTree:
         self._dir_locks: dict[tuple[int, bytes], trio.Lock] = {}
         self._roots: dict[int, tuple[GuestStat, dict[bytes, bytes]]] = {}
         self._devmaps: dict[int, ext_mod.DeviceMap | None] = {}
+        self._devmap_failed: dict[int, float] = {}  # volume → when mapping it last failed
         # Volumes whose whole tree is being (or was) fetched in the background.
         self._tree_prefetch: dict[int, trio.Event] = {}
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
@@ -602,7 +603,16 @@ class GuestTree:
         if extents is None:
             return None
         if vol.index not in self._devmaps:
-            self._devmaps[vol.index] = await self._fetch_devmap(vol)
+            failed_at = self._devmap_failed.get(vol.index)
+            if failed_at is not None and time.monotonic() - failed_at < _DEVMAP_RETRY_S:
+                return None
+            devmap = await self._fetch_devmap(vol)
+            if devmap is None:
+                # Seen intermittently (cause not yet known): try again later rather than
+                # losing the fast path for the whole mount.
+                self._devmap_failed[vol.index] = time.monotonic()
+                return None
+            self._devmaps[vol.index] = devmap
         devmap = self._devmaps[vol.index]
         if devmap is None:
             return None
@@ -733,9 +743,10 @@ class GuestTree:
             return None
         devmap = ext_mod.parse_devmap(out, disk_index)
         if devmap is None:
+            log.info("guestfs %s: device map script printed: %r", self.session.name, out[:4000])
             log.info(
                 "guestfs %s: volume %s (%s) cannot be mapped to disk offsets: reads go "
-                "through the appliance",
+                "through the appliance for now",
                 self.session.name,
                 vol.name,
                 vol.device,
@@ -806,6 +817,8 @@ class GuestTree:
         return alias
 
 
+# A volume whose device map could not be read is tried again after this long.
+_DEVMAP_RETRY_S = 10.0
 # Entries per whole-volume listing: one script lists a volume up to this size (about 200
 # bytes of output an entry); bigger volumes are listed a directory at a time.
 TREE_BATCH = 100_000
