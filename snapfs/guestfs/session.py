@@ -17,14 +17,17 @@ Thread rules:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -50,9 +53,52 @@ class LaunchTimeout(BackendUnavailable):
 
 
 class _KvmVerdict:
-    """Process-wide memory of whether KVM guests work here (None: not tried yet)."""
+    """Process-wide memory of whether KVM guests work here (None: not tried yet).
+
+    Also kept on disk (``verdict_path``) for a week per kernel, so that a new mount on a
+    machine where KVM guests hang does not wait for a KVM launch timeout again.
+    """
 
     works: bool | None = None
+    loaded = False
+
+
+# How long a remembered KVM verdict holds (a kernel or qemu update may change it).
+_VERDICT_MAX_AGE_S = 7 * 24 * 3600
+
+
+def verdict_path() -> Path:
+    base = os.environ.get("SNAPFS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "snapfs"
+    )
+    return Path(base) / "kvm-verdict.json"
+
+
+def _load_verdict() -> bool | None:
+    try:
+        data = json.loads(verdict_path().read_text())
+        if (
+            data.get("kernel") == platform.release()
+            and time.time() - float(data.get("at", 0)) < _VERDICT_MAX_AGE_S
+            and isinstance(data.get("works"), bool)
+        ):
+            return bool(data["works"])
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _save_verdict(works: bool) -> None:
+    path = verdict_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"kernel": platform.release(), "works": works, "at": time.time()})
+        )
+        tmp.replace(path)
+    except OSError as exc:
+        log.debug("cannot remember the KVM verdict in %s: %s", path, exc)
 
 
 @dataclass
@@ -216,6 +262,15 @@ class GuestSession:
 
     async def _launch_plan(self) -> None:
         settings = self.settings
+        if settings.backend == "auto" and not _KvmVerdict.loaded:
+            _KvmVerdict.loaded = True
+            if _KvmVerdict.works is None:
+                _KvmVerdict.works = await trio.to_thread.run_sync(_load_verdict)
+                if _KvmVerdict.works is False:
+                    log.info(
+                        "guestfs: KVM guests hung or failed here before (%s): using TCG",
+                        verdict_path(),
+                    )
         if settings.backend == "tcg":
             plan = ["tcg"]
         elif settings.backend == "kvm":
@@ -232,14 +287,18 @@ class GuestSession:
                 self._failure = exc.message
                 if mode == "kvm" and settings.backend == "auto":
                     _KvmVerdict.works = False
+                    await trio.to_thread.run_sync(_save_verdict, False)
                     log.warning(
-                        "guestfs %s: KVM launch failed (%s); using TCG from now on in this "
-                        "process", self.name, exc.message,
+                        "guestfs %s: KVM launch failed (%s); using TCG from now on in this process",
+                        self.name,
+                        exc.message,
                     )
                 if i == len(plan) - 1:
                     raise
                 continue
             if mode == "kvm":
+                if _KvmVerdict.works is not True:
+                    await trio.to_thread.run_sync(_save_verdict, True)
                 _KvmVerdict.works = True
             return
 
@@ -249,7 +308,11 @@ class GuestSession:
         settings = self.settings
         log.info(
             "guestfs %s: launching appliance (%s, %d MiB, %d disk(s), timeout %.0f s)",
-            self.name, mode, settings.memsize_mb, len(self.disks), timeout,
+            self.name,
+            mode,
+            settings.memsize_mb,
+            len(self.disks),
+            timeout,
         )
 
         def create() -> Any:
@@ -267,8 +330,12 @@ class GuestSession:
                 for disk_name, sock in self.disks:
                     # For the nbd protocol the "filename" is the export name.
                     g.add_drive_opts(
-                        self.export_names.get(disk_name, ""), format="raw", protocol="nbd",
-                        server=[f"unix:{sock}"], readonly=self.readonly, name=disk_name,
+                        self.export_names.get(disk_name, ""),
+                        format="raw",
+                        protocol="nbd",
+                        server=[f"unix:{sock}"],
+                        readonly=self.readonly,
+                        name=disk_name,
                     )
             except BaseException:
                 g.close()
@@ -292,7 +359,9 @@ class GuestSession:
             timed_out = True
             log.error(
                 "guestfs %s: %s launch did not finish in %.0f s: killing its qemu",
-                self.name, mode, timeout,
+                self.name,
+                mode,
+                timeout,
             )
             while not done.is_set():
                 pids = await trio.to_thread.run_sync(find_qemu_pids, tmpdir)
@@ -308,9 +377,7 @@ class GuestSession:
             try:
                 with trio.move_on_after(timeout + _KILL_GRACE_S) as hard_stop:
                     # cancellable: only so a launch that ignores the kill can be abandoned.
-                    await trio.to_thread.run_sync(
-                        g.launch, cancellable=True, limiter=self._limiter
-                    )
+                    await trio.to_thread.run_sync(g.launch, cancellable=True, limiter=self._limiter)
                 if hard_stop.cancelled_caught:
                     abandoned = True
                     error = "launch hung even after its qemu was killed; handle abandoned"
@@ -331,8 +398,9 @@ class GuestSession:
                 raise LaunchTimeout(
                     f"guestfs {self.name}: {mode} launch timed out after {timeout:.0f} s"
                 )
-            log.error("guestfs %s: %s launch failed after %.1f s: %s",
-                      self.name, mode, elapsed, error)
+            log.error(
+                "guestfs %s: %s launch failed after %.1f s: %s", self.name, mode, elapsed, error
+            )
             raise BackendUnavailable(f"guestfs {self.name}: appliance launch failed: {error}")
         self._generation += 1
         self._g = g

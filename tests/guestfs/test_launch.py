@@ -13,8 +13,10 @@ from snapfs.guestfs.session import _KvmVerdict, find_qemu_pids
 @pytest.mark.guestfs
 @pytest.mark.slow
 async def test_launch_timeout_kills_and_falls_back(disks: list[tuple[str, str]]) -> None:
-    # A tiny KVM timeout forces the timeout path whether or not KVM works here.
+    # A tiny KVM timeout forces the timeout path whether or not KVM works here; nothing
+    # remembered from earlier runs may skip it.
     _KvmVerdict.works = None
+    _KvmVerdict.loaded = True
     settings = GuestfsSettings(backend="auto", kvm_launch_timeout_s=2.0)
     s = GuestSession("timeout-test", disks[:1], settings)
     try:
@@ -27,6 +29,7 @@ async def test_launch_timeout_kills_and_falls_back(disks: list[tuple[str, str]])
     finally:
         await s.aclose()
         _KvmVerdict.works = None
+        _KvmVerdict.loaded = False
     for marker in s.attempt_markers:
         assert find_qemu_pids(marker) == []
 
