@@ -147,7 +147,9 @@ class GuestTree:
         by_device = {v.device: v for v in volumes}
         os_mounts: dict[bytes, Volume] | None = None
         # Inspection mounts and unmounts filesystems itself: it must run before our mounts.
-        roots = g.inspect_os()
+        # With one filesystem, files/ is that filesystem whatever inspection says: skip it
+        # (it costs seconds under TCG, on the way to the first listing).
+        roots = g.inspect_os() if len(volumes) > 1 else []
         if roots:
             if len(roots) > 1:
                 log.warning(
