@@ -17,10 +17,16 @@ def private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """snapfs remembers things (the KVM verdict) in a cache dir: tests start from none."""
     import os
 
-    old = os.environ.get("SNAPFS_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in ("SNAPFS_CACHE_DIR", "SNAPFS_CONFIG")}
     os.environ["SNAPFS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    # Mounts without --config use TCG: KVM guests hang on machines like ours, and the
+    # auto fallback (tested on its own in tests/guestfs) would cost a launch timeout.
+    config = tmp_path_factory.mktemp("config") / "config.toml"
+    config.write_text('[guestfs]\nbackend = "tcg"\n')
+    os.environ["SNAPFS_CONFIG"] = str(config)
     yield
-    if old is None:
-        os.environ.pop("SNAPFS_CACHE_DIR", None)
-    else:
-        os.environ["SNAPFS_CACHE_DIR"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -359,15 +359,20 @@ class GuestTree:
                     'cd -- "$D" || exit 3',
                     f'[ "$(find . -xdev | head -n {TREE_BATCH + 2} | wc -l)" -gt {TREE_BATCH} ]'
                     " && exit 4",
-                    "printf '/S\\0'",
+                    "printf '\\0\\0S\\0\\0'",
                     f"find . -xdev -mindepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
-                    "printf '/L\\0'",
+                    "printf '\\0\\0L\\0\\0'",
                     "find . -xdev -mindepth 1 -type l -printf './%P\\0%l\\0'",
-                    "printf '/X\\0'",
+                    "printf '\\0\\0X\\0\\0'",
                     "find . -xdev -mindepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
-                    "true",
+                    "printf '\\0\\0E\\0\\0'",
                 ]
             )
+            # The extent maps of the same files in the same script (a traversal and its
+            # process starts saved); only for filesystems whose extents are disk offsets.
+            if self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES:
+                script += "\n" + ext_mod.filefrag_subtree_script(b".", TREE_BATCH)
+            script += "\ntrue"
             status, out = run_script(g, state, script)
             return out if status == 0 else None
 
@@ -404,10 +409,21 @@ class GuestTree:
         )
 
     def _parse_tree(self, vol: Volume, out: bytes) -> dict[bytes, _Dir]:
-        stat_part, sep1, rest = out.partition(b"/L\0")
-        link_part, sep2, xattr_part = rest.partition(b"/X\0")
-        if not (sep1 and sep2 and stat_part.startswith(b"/S\0")):
+        # Sections are separated by NUL NUL <letter> NUL NUL: every record in them is a
+        # non-empty NUL-terminated field, so two NULs in a row occur only at a separator.
+        out, sep, extents_part = out.partition(b"\0\0E\0\0")
+        if sep and extents_part:
+            complete, found = ext_mod.parse_filefrag_subtree(extents_part)
+            if found or not extents_part.count(b"File size of"):
+                self._subtree_extents.setdefault(vol.index, {}).update(found)
+                self._subtree_tried.setdefault(vol.index, set()).add(b"/")
+                if complete:
+                    self._subtree_done.setdefault(vol.index, set()).add(b"/")
+        stat_part, sep1, rest = out.partition(b"\0\0L\0\0")
+        link_part, sep2, xattr_part = rest.partition(b"\0\0X\0\0")
+        if not (sep1 and sep2 and stat_part.startswith(b"\0\0S\0\0")):
             raise ValueError("sections missing")
+        stat_part = stat_part[5:] + b"\0"  # the separator took the last record's NUL
         listings: dict[bytes, _Dir] = {b"/": _Dir({}, {}, {})}
 
         def split(path: bytes) -> tuple[bytes, bytes]:
@@ -416,7 +432,7 @@ class GuestTree:
             head, _, name = rel.rpartition(b"/")
             return b"/" + head, name
 
-        for record in stat_part[3:].split(b"\0"):
+        for record in stat_part.split(b"\0"):
             if not record:
                 continue
             path, fields = parse_stat_record(record)
@@ -627,6 +643,9 @@ class GuestTree:
 
     async def _extents_of(self, vol: Volume, parent: bytes, st: GuestStat) -> list[Extent] | None:
         """The file's extents: from a subtree batch when one covers it, else per directory."""
+        prefetching = self._tree_prefetch.get(vol.index)
+        if prefetching is not None and not prefetching.is_set():
+            await prefetching.wait()  # it brings the extent maps of the whole volume too
         known = self._subtree_extents.setdefault(vol.index, {})
         covered = self._subtree_done.setdefault(vol.index, set())
         tried = self._subtree_tried.setdefault(vol.index, set())

@@ -178,6 +178,8 @@ def test_inodes_stable_across_remount(sample_repo: SampleRepository, tmp_path: P
     def inodes(root: Path) -> dict[str, int]:
         result = {}
         for dirpath, dirnames, filenames in os.walk(root):
+            # Guest filesystems have their own test (and would launch an appliance each).
+            dirnames[:] = [d for d in dirnames if d not in ("files", "volumes")]
             for name in dirnames + filenames:
                 p = Path(dirpath) / name
                 result[str(p.relative_to(root))] = os.lstat(p).st_ino
