@@ -62,43 +62,46 @@ class NbdConnection:
         self.can_multi_conn: bool = bool(handle.can_multi_conn())
 
     @classmethod
+    async def _connect(
+        cls, name: str, meta_contexts: tuple[str, ...], connect: Callable[[Any], None]
+    ) -> NbdConnection:
+        """A new handle with ``meta_contexts``, connected by ``connect`` in a worker thread."""
+
+        def run() -> Any:
+            h = nbd.NBD()
+            for ctx in meta_contexts:
+                h.add_meta_context(ctx)
+            connect(h)
+            return h
+
+        try:
+            handle = await trio.to_thread.run_sync(run)
+        except nbd.Error as exc:
+            raise BackendUnavailable(f"cannot connect to NBD server {name}: {exc}") from exc
+        return cls(handle, name)
+
+    @classmethod
     async def connect_unix(
         cls, path: str, *, export_name: str = "", meta_contexts: tuple[str, ...] = ()
     ) -> NbdConnection:
         """Connect to a unix-socket export (the handshake runs in a worker thread)."""
 
-        def connect() -> Any:
-            h = nbd.NBD()
+        def connect(h: Any) -> None:
             h.set_export_name(export_name)
-            for ctx in meta_contexts:
-                h.add_meta_context(ctx)
             h.connect_unix(path)
-            return h
 
-        try:
-            handle = await trio.to_thread.run_sync(connect)
-        except nbd.Error as exc:
-            raise BackendUnavailable(f"cannot connect to NBD server {path}: {exc}") from exc
-        return cls(handle, path)
+        return await cls._connect(path, meta_contexts, connect)
 
     @classmethod
     async def connect_uri(cls, uri: str, *, meta_contexts: tuple[str, ...] = ()) -> NbdConnection:
         """Connect to an NBD URI (nbd://, nbds://, nbd+unix://; TLS settings in the query)."""
 
-        def connect() -> Any:
-            h = nbd.NBD()
+        def connect(h: Any) -> None:
             # The URI comes from the user's own source file: let it name TLS key files.
             h.set_uri_allow_local_file(True)
-            for ctx in meta_contexts:
-                h.add_meta_context(ctx)
             h.connect_uri(uri)
-            return h
 
-        try:
-            handle = await trio.to_thread.run_sync(connect)
-        except nbd.Error as exc:
-            raise BackendUnavailable(f"cannot connect to {uri}: {exc}") from exc
-        return cls(handle, uri)
+        return await cls._connect(uri, meta_contexts, connect)
 
     @property
     def in_flight(self) -> int:
