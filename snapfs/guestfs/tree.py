@@ -25,7 +25,7 @@ import logging
 import stat as stat_mod
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,7 +413,7 @@ class GuestTree:
         # non-empty NUL-terminated field, so two NULs in a row occur only at a separator.
         out, sep, extents_part = out.partition(b"\0\0E\0\0")
         if sep and extents_part:
-            complete, found = ext_mod.parse_filefrag_subtree(extents_part)
+            complete, found = _parse_subtree_extents(extents_part)
             if found or not extents_part.count(b"File size of"):
                 self._subtree_extents.setdefault(vol.index, {}).update(found)
                 self._subtree_tried.setdefault(vol.index, set()).add(b"/")
@@ -669,16 +669,18 @@ class GuestTree:
             listing.extents = await self._fetch_extents(vol, parent, listing)
         return listing.extents.get(st.guest_ino)
 
-    async def _fetch_subtree_extents(
-        self, vol: Volume, top: bytes
-    ) -> tuple[bool, dict[int, tuple[int, list[Extent] | None]]]:
+    async def _run_filefrag(
+        self, vol: Volume, vpath: bytes, make_script: Callable[[bytes], str]
+    ) -> bytes | None:
+        """Output of a filefrag script run in directory ``vpath`` of ``vol``; None on failure."""
+
         def fetch(g: Any, state: LaunchState) -> bytes | None:
             mp = self._mount_sync(g, state, vol)
-            apath = mp.encode() + (b"" if top == b"/" else top)
-            status, out = run_script(g, state, ext_mod.filefrag_subtree_script(b"/sysroot" + apath))
+            apath = mp.encode() + (b"" if vpath == b"/" else vpath)
+            status, out = run_script(g, state, make_script(b"/sysroot" + apath))
             if status != 0:
                 log.warning(
-                    "guestfs %s: filefrag below %r failed: %s",
+                    "guestfs %s: filefrag in %r failed: %s",
                     self.session.name,
                     apath,
                     script_error(g),
@@ -687,21 +689,24 @@ class GuestTree:
             return out
 
         try:
-            out = await self.session.call(fetch)
+            return await self.session.call(fetch)
         except SnapfsError as exc:
             log.warning(
-                "guestfs %s: no extent maps below %s:%r: %s",
+                "guestfs %s: no extent maps for %s:%r: %s",
                 self.session.name,
                 vol.name,
-                top,
+                vpath,
                 exc.message,
             )
-            return False, {}
+            return None
+
+    async def _fetch_subtree_extents(
+        self, vol: Volume, top: bytes
+    ) -> tuple[bool, dict[int, tuple[int, list[Extent] | None]]]:
+        out = await self._run_filefrag(vol, top, ext_mod.filefrag_subtree_script)
         if out is None:
             return False, {}
-        complete, found = ext_mod.parse_filefrag_subtree(out)
-        if not found and out.count(b"File size of"):
-            complete = False  # sections did not line up: trust nothing, fall back
+        complete, found = _parse_subtree_extents(out)
         log.info(
             "guestfs %s: extent maps of %d files below %s:%r%s",
             self.session.name,
@@ -715,31 +720,7 @@ class GuestTree:
     async def _fetch_extents(
         self, vol: Volume, parent: bytes, listing: _Dir
     ) -> dict[int, list[Extent] | None]:
-        def fetch(g: Any, state: LaunchState) -> bytes | None:
-            mp = self._mount_sync(g, state, vol)
-            apath = mp.encode() + (b"" if parent == b"/" else parent)
-            status, out = run_script(g, state, ext_mod.filefrag_script(b"/sysroot" + apath))
-            if status != 0:
-                log.warning(
-                    "guestfs %s: filefrag in %r failed: %s",
-                    self.session.name,
-                    apath,
-                    script_error(g),
-                )
-                return None
-            return out
-
-        try:
-            out = await self.session.call(fetch)
-        except SnapfsError as exc:
-            log.warning(
-                "guestfs %s: no extent maps for %s:%r: %s",
-                self.session.name,
-                vol.name,
-                parent,
-                exc.message,
-            )
-            return {}
+        out = await self._run_filefrag(vol, parent, ext_mod.filefrag_script)
         parsed = ext_mod.parse_filefrag(out) if out is not None else {}
         sizes = {st.guest_ino: st.size for st in listing.entries.values() if st.is_reg}
         result: dict[int, list[Extent] | None] = {}
@@ -843,6 +824,15 @@ _DEVMAP_RETRY_S = 10.0
 # Entries per whole-volume listing: one script lists a volume up to this size (about 200
 # bytes of output an entry); bigger volumes are listed a directory at a time.
 TREE_BATCH = 100_000
+
+
+def _parse_subtree_extents(out: bytes) -> tuple[bool, dict[int, tuple[int, list[Extent] | None]]]:
+    """(complete, extents) of a subtree filefrag script; sections that did not line up
+    (nothing parsed although filefrag printed some) make it incomplete: nothing trusted."""
+    complete, found = ext_mod.parse_filefrag_subtree(out)
+    if not found and out.count(b"File size of"):
+        complete = False
+    return complete, found
 
 
 def _covered(path: bytes, tops: set[bytes]) -> bool:
