@@ -15,6 +15,13 @@ one table per subsystem::
     max_appliances = 4         # live appliances at once; the least recently used is shut down
     idle_timeout_s = 300       # seconds an unused appliance stays up
     memsize_mb = 768
+
+    [libvirt]                  # remote libvirt URIs (docs/sources.md, "Remote libvirt hosts")
+    nbd_port = 10809           # first TCP port tried for a pull-mode job's NBD server
+    nbd_ports = 100            # how many ports from nbd_port may be tried
+    tls = true                 # require TLS (nbds://) for remote jobs
+    tls_certificates = ""      # client directory: ca-cert.pem, client-cert.pem, client-key.pem
+    scratch_dir = ""           # on the libvirt host; "" = beside each disk image
 """
 
 from __future__ import annotations
@@ -42,9 +49,22 @@ class NbdSettings:
 
 
 @dataclass(frozen=True)
+class LibvirtSettings:
+    """Pull-mode jobs of remote libvirt daemons (qemu+tcp://, qemu+ssh://, qemu://host/):
+    their NBD server listens on TCP on the URI's host (snapfs.libvirt.jobs)."""
+
+    nbd_port: int = 10809
+    nbd_ports: int = 100
+    tls: bool = True
+    tls_certificates: str = ""
+    scratch_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     nbd: NbdSettings = field(default_factory=NbdSettings)
     guestfs: GuestfsSettings = field(default_factory=GuestfsSettings)
+    libvirt: LibvirtSettings = field(default_factory=LibvirtSettings)
 
 
 def default_config_path() -> Path:
@@ -83,7 +103,7 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
         raise SnapfsUserError(f"{path}: cannot read settings: {exc}") from None
     settings = Settings()
     for key, value in raw.items():
-        if key not in ("nbd", "guestfs") or not isinstance(value, dict):
+        if key not in ("nbd", "guestfs", "libvirt") or not isinstance(value, dict):
             raise SnapfsUserError(f"{path}: unknown section [{key}]")
         settings = replace(
             settings, **{key: _apply(getattr(settings, key), value, f"{path} [{key}]")}
@@ -94,4 +114,7 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
         raise SnapfsUserError(f"{path}: [guestfs] {exc}") from None
     if settings.nbd.connections < 1:
         raise SnapfsUserError(f"{path}: nbd.connections must be at least 1")
+    lv = settings.libvirt
+    if not (lv.nbd_port > 0 and lv.nbd_ports >= 1 and lv.nbd_port + lv.nbd_ports - 1 <= 65535):
+        raise SnapfsUserError(f"{path}: libvirt.nbd_port/nbd_ports must name TCP ports")
     return settings

@@ -5,6 +5,8 @@ copy, known from the extents before copying starts; messages such as a fallback 
 backup on stderr) and its exit code: 0 when every domain was backed up, 1 otherwise (each
 domain is tried; a failure does not stop the others). Ctrl-C interrupts the running backup,
 which cleans up after itself (``snapfs.libvirt.backup``), and exits 130 (click: "Aborted!").
+For a remote daemon the NBD transport options (port, TLS, scratch directory) default to the
+settings file's ``[libvirt]`` table (``snapfs.config``).
 ``snapfs.cli`` registers ``backup_command``. Blocking, on the main thread.
 """
 
@@ -26,6 +28,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from snapfs.config import load_settings
 from snapfs.errors import SnapfsError, SnapfsUserError
 from snapfs.libvirt import backup, jobs
 
@@ -98,15 +101,47 @@ def _parse_skips(values: tuple[str, ...]) -> tuple[frozenset[str], dict[str, set
     metavar="[VM:]DISK",
     help="Leave a disk out of the backup (backup='no'), e.g. vdb or web-01:vdb (repeatable).",
 )
+@click.option(
+    "--nbd-port",
+    type=click.IntRange(1, 65535),
+    help="Remote URIs: the TCP port the job's NBD server listens on (default: the first "
+    "free one from [libvirt] nbd_port, 10809).",
+)
+@click.option(
+    "--tls/--no-tls",
+    "tls",
+    default=None,
+    help="Remote URIs: serve the disks over TLS (nbds://; default [libvirt] tls = true).",
+)
+@click.option(
+    "--tls-certificates",
+    metavar="DIR",
+    help="Remote URIs: client TLS directory (ca-cert.pem, client-cert.pem, client-key.pem).",
+)
+@click.option(
+    "--scratch-dir",
+    metavar="DIR",
+    help="Remote URIs: directory on the libvirt host for the job's scratch files "
+    "(default: beside each disk image).",
+)
 def backup_command(
-    uri: str, repository: Path, vm_names: tuple[str, ...], mode: str | None, skips: tuple[str, ...]
+    uri: str,
+    repository: Path,
+    vm_names: tuple[str, ...],
+    mode: str | None,
+    skips: tuple[str, ...],
+    nbd_port: int | None,
+    tls: bool | None,
+    tls_certificates: str | None,
+    scratch_dir: str | None,
 ) -> None:
-    """Back up libvirt domains at URI (qemu:///system, qemu+unix:///system?socket=...) into
-    REPOSITORY.
+    """Back up libvirt domains at URI (qemu:///system, qemu+unix:///system?socket=...,
+    qemu+tcp://host/system, qemu+ssh://host/system) into REPOSITORY.
 
     Each domain's first backup is full; later ones copy only the blocks changed since the
     checkpoint of the previous backup (libvirt pull-mode backups with checkpoints). The
-    domain XML at backup time is stored with each snapshot.
+    domain XML at backup time is stored with each snapshot. A remote daemon's job serves
+    the disks over TCP on the URI's host, with TLS unless --no-tls.
     """
     if not jobs.is_libvirt_uri(uri):
         raise click.BadParameter(f"{uri!r} is not a libvirt URI (like qemu:///system)")
@@ -115,6 +150,14 @@ def backup_command(
     skip_all, skip_per_vm = _parse_skips(skips)
     failures = 0
     try:
+        endpoint = jobs.remote_endpoint(
+            uri,
+            load_settings().libvirt,
+            port=nbd_port,
+            tls=tls,
+            certificates=tls_certificates,
+            scratch_dir=scratch_dir,
+        )
         with backup.connection(uri) as conn:
             domains = _domains(conn, vm_names, console)
             if not domains:
@@ -132,6 +175,7 @@ def backup_command(
                             skip=skip,
                             progress=bars,
                             notice=lambda m: console.print(f"  {m}", highlight=False),
+                            endpoint=endpoint,
                         )
                 except (SnapfsError, SnapfsUserError) as exc:
                     failures += 1

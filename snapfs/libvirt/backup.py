@@ -13,7 +13,19 @@ What is copied:
   now read as zeros are written as zeros (the parent may hold data there).
 Each new image is served writable by a private ``qemu-nbd`` that libnbd starts by socket
 activation and stops when the handle closes; the source is read with libnbd from the job's
-unix socket. The export is point-in-time: guest writes after ``backupBegin`` are not in it.
+unix socket (local daemon) or over TCP, with TLS by default (remote daemon: ``jobs``). The
+copy is pipelined: up to ``COPY_DEPTH`` reads and writes of ``COPY_CHUNK`` bytes in flight,
+both handles driven by one ``poll`` loop (libnbd AIO). The export is point-in-time: guest
+writes after ``backupBegin`` are not in it.
+
+Before planning, a backup sweeps what an earlier one that died (``kill -9``, a power cut)
+left for this domain and repository, and says so: a stale job of a dead snapfs process is
+ended (``jobs.end_stale_job``), unfinished ``.tmp-*`` snapshot directories are removed (the
+repository lock is held: no writer is alive), and checkpoints snapfs made for this
+repository that are not the base of the next backup are deleted with their bitmaps (a
+checkpoint of a backup that never committed, or one superseded by a newer snapshot). Only
+checkpoints whose description names this repository are touched: a domain backed up into
+two repositories keeps both chains.
 
 The repository side repeats ``writer.add_snapshot``'s atomicity (and uses its private
 helpers for it: the lock, the VM lookup, ids and names, fsync): everything is written into a
@@ -37,9 +49,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import select
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +73,14 @@ CONFIG_FILE = "domain.xml"
 # NBD requests of this size keep qemu busy without big buffers (the protocol allows 32 MiB;
 # QEMU's export limit is 32 MiB too).
 COPY_CHUNK = 4 << 20
+# Requests in flight per disk (reads from the job plus writes into the new image): at most
+# COPY_DEPTH * COPY_CHUNK bytes of buffers. Measured in docs/benchmarks.md ("backup copy").
+COPY_DEPTH = 8
+# The copy loop wakes up at least this often (Ctrl-C is handled between waits anyway).
+_POLL_MS = 1000
+
+# A checkpoint's description: this prefix, the snapshot id, " into ", the repository path.
+_DESCRIPTION_PREFIX = "snapfs backup "
 
 Progress = Callable[[str, int, int], None]
 """Called with a disk name, bytes copied so far and bytes to copy in total for that disk."""
@@ -161,6 +182,7 @@ class DomainBackup:
         notice: Notice | None = None,
         job_parent_dir: Path = Path("/tmp"),
         description: str = "",
+        endpoint: jobs.TcpEndpoint | None = None,
     ) -> None:
         if mode not in ("auto", "full", "incremental"):
             raise ValueError(f"unknown backup mode {mode!r}")
@@ -171,6 +193,7 @@ class DomainBackup:
         self.notice = notice or (lambda message: None)
         self.job_parent_dir = job_parent_dir
         self.description = description
+        self.endpoint = endpoint  # a remote daemon: the job serves NBD over TCP
         self.job: jobs.PullJob | None = None
         self._lock: Any = None
         self._committed = False
@@ -189,6 +212,7 @@ class DomainBackup:
         self._lock.__enter__()
         try:
             self._plan()
+            self._sweep()
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
@@ -304,6 +328,52 @@ class DomainBackup:
         self._say(f"{self.name}: no earlier libvirt backup in this repository: full backup")
         return None
 
+    # -- sweep ---------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Clean up after an earlier backup of this domain into this repository that died
+        (see the module doc); every action is said."""
+        stale = jobs.end_stale_job(self.dom)
+        if stale is not None:
+            self._say(f"{self.name}: {stale}")
+        vms_dir = self.root / repo.VMS_DIR
+        leftovers = list(vms_dir.glob(f"{repo.TEMP_PREFIX}*"))
+        if self.vm is not None:
+            leftovers += (self.vm.vm_dir / repo.SNAPSHOTS_DIR).glob(f"{repo.TEMP_PREFIX}*")
+        for path in leftovers:
+            # The repository lock is ours: whoever wrote this is gone.
+            shutil.rmtree(path, ignore_errors=True)
+            self._say(f"{self.name}: removed {path}, left by an interrupted backup")
+
+        recorded: dict[str, str] = {}  # checkpoint → snapshot id, oldest first
+        newest: str | None = None
+        if self.vm is not None:
+            snaps_dir = self.vm.vm_dir / repo.SNAPSHOTS_DIR
+            for _created, snap_id, _disks in self.vm.snapshots:
+                facts = _read_libvirt_json(snaps_dir / snap_id)
+                if facts is None:
+                    continue
+                checkpoint = facts.get("checkpoint")
+                if isinstance(checkpoint, str):
+                    recorded[checkpoint] = snap_id
+                    newest = checkpoint
+        ours = f" into {self.root.resolve()}"
+        for name, desc in jobs.snapfs_checkpoints(self.dom).items():
+            if not (desc.startswith(_DESCRIPTION_PREFIX) and desc.endswith(ours)):
+                continue  # another repository's chain (or not made by a backup)
+            if name == newest:
+                continue  # the base of the next incremental backup
+            if name in recorded:
+                why = f"superseded (snapshot {recorded[name]} is not the newest)"
+            else:
+                why = "made by a backup that never finished (no snapshot records it)"
+            # Not METADATA_ONLY: libvirt also removes the checkpoint's bitmaps from the
+            # qcow2 images (a left-over bitmap costs guest writes and blocks the name).
+            jobs.delete_checkpoint(self.dom, name)
+            if jobs.checkpoint_exists(self.dom, name):
+                self._say(f"{self.name}: could not delete checkpoint {name} ({why})")
+            else:
+                self._say(f"{self.name}: deleted checkpoint {name}, {why}")
+
     # -- job -----------------------------------------------------------------------------
     def begin(self) -> jobs.PullJob:
         """Start the pull-mode job with the new checkpoint; an incremental job libvirt
@@ -311,7 +381,7 @@ class DomainBackup:
         # The configuration at backup time: captured right before the job starts.
         self.domain_xml = self.dom.XMLDesc(0)
         excluded = [t for t, _ in self.skipped]
-        description = f"snapfs backup {self.snapshot_id} into {self.root.resolve()}"
+        description = f"{_DESCRIPTION_PREFIX}{self.snapshot_id} into {self.root.resolve()}"
 
         def start() -> jobs.PullJob:
             job_disks = [
@@ -327,6 +397,7 @@ class DomainBackup:
                 checkpoint=self.checkpoint,
                 checkpoint_description=description,
                 parent_dir=self.job_parent_dir,
+                endpoint=self.endpoint,
             )
 
         try:
@@ -344,12 +415,14 @@ class DomainBackup:
     def _source(self, target: str, incremental: bool) -> Any:
         assert self.job is not None
         h = nbd.NBD()
-        h.set_export_name(target)
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         if incremental:
             h.add_meta_context(f"qemu:dirty-bitmap:{jobs.export_bitmap(target)}")
         try:
-            h.connect_unix(str(self.job.socket))
+            # The export name is the URI's path; nbds:// requires TLS, with the client
+            # certificate directory in the query (a local path: allowed explicitly).
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(self.job.uri(target))
         except nbd.Error as exc:
             _close(h)
             raise BackupError(
@@ -415,20 +488,12 @@ class DomainBackup:
             dst.connect_systemd_socket_activation(
                 ["qemu-nbd", "-f", "qcow2", "--cache=writeback", "--aio=threads", str(image)]
             )
-            done = 0
-            for start, length, data in plan.ranges:
-                end = start + length
-                pos = start
-                while pos < end:
-                    n = min(COPY_CHUNK, end - pos)
-                    if data:
-                        dst.pwrite(src.pread(n, pos), pos)
-                        done += n
-                    else:
-                        dst.zero(n, pos)
-                    pos += n
-                    if progress is not None and data:
-                        progress(plan.target, done, plan.to_copy)
+
+            def report(done: int) -> None:
+                if progress is not None:
+                    progress(plan.target, done, plan.to_copy)
+
+            copy_ranges(src, dst, plan.ranges, report)
             dst.flush()
         except nbd.Error as exc:
             raise BackupError(f"{self.name}: copying disk {plan.target} failed: {exc}") from None
@@ -550,6 +615,87 @@ class DomainBackup:
             log.info("%s: backup abandoned; nothing was added to %s", self.name, self.root)
 
 
+def copy_ranges(
+    src: Any, dst: Any, ranges: Iterable[tuple[int, int, bool]], report: Callable[[int], None]
+) -> None:
+    """Copy the data ranges from ``src`` to ``dst`` (connected libnbd handles) and zero the
+    others, in ``COPY_CHUNK`` requests with up to ``COPY_DEPTH`` in flight; ``report`` gets
+    the bytes copied so far after each write completes (in this thread, so it may raise:
+    Ctrl-C from a progress bar). Raises ``nbd.Error`` when a request fails."""
+
+    def chunks() -> Iterator[tuple[int, int, bool]]:
+        for start, length, data in ranges:
+            end = start + length
+            for pos in range(start, end, COPY_CHUNK):
+                yield pos, min(COPY_CHUNK, end - pos), data
+
+    todo = chunks()
+    exhausted = False
+    reads: list[tuple[int, int, Any]] = []  # (cookie, offset, buffer)
+    writes: list[tuple[int, int]] = []  # (cookie, data bytes: 0 for a zero request)
+    keep: dict[int, Any] = {}  # write cookie → its buffer (valid until the write completes)
+    done = 0
+    while True:
+        while not exhausted and len(reads) + len(writes) < COPY_DEPTH:
+            item = next(todo, None)
+            if item is None:
+                exhausted = True
+                break
+            pos, n, data = item
+            if data:
+                buf = nbd.Buffer(n)
+                reads.append((src.aio_pread(buf, pos), pos, buf))
+            else:
+                writes.append((dst.aio_zero(n, pos), 0))
+        if exhausted and not reads and not writes:
+            return
+        _wait(src, dst)
+        still: list[tuple[int, int, Any]] = []
+        for cookie, pos, buf in reads:
+            if src.aio_command_completed(cookie):  # raises nbd.Error if it failed
+                w = dst.aio_pwrite(buf, pos)
+                keep[w] = buf
+                writes.append((w, len(buf)))
+            else:
+                still.append((cookie, pos, buf))
+        reads = still
+        pending: list[tuple[int, int]] = []
+        for cookie, n in writes:
+            if dst.aio_command_completed(cookie):
+                keep.pop(cookie, None)
+                if n:
+                    done += n
+                    report(done)
+            else:
+                pending.append((cookie, n))
+        writes = pending
+
+
+def _wait(*handles: Any) -> None:
+    """Wait until one of the handles' sockets is ready and move its state machine."""
+    poller = select.poll()
+    by_fd = {}
+    for h in handles:
+        direction = h.aio_get_direction()
+        events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | (
+            select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0
+        )
+        if events:
+            fd = h.aio_get_fd()
+            poller.register(fd, events)
+            by_fd[fd] = h
+        elif h.aio_is_dead() or h.aio_is_closed():
+            raise nbd.Error("NBD connection lost", 107)  # ENOTCONN
+    if not by_fd:
+        return
+    for fd, revents in poller.poll(_POLL_MS):
+        h = by_fd[fd]
+        if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        elif revents & select.POLLOUT:
+            h.aio_notify_write()
+
+
 def backup_domain(
     dom: Any,
     root: Path,
@@ -559,10 +705,18 @@ def backup_domain(
     progress: Progress | None = None,
     notice: Notice | None = None,
     job_parent_dir: Path = Path("/tmp"),
+    endpoint: jobs.TcpEndpoint | None = None,
 ) -> BackupResult:
-    """Back up one running domain into the repository at ``root`` (see the module doc)."""
+    """Back up one running domain into the repository at ``root`` (see the module doc);
+    ``endpoint`` for a remote daemon (``jobs.remote_endpoint``)."""
     with DomainBackup(
-        dom, root, mode=mode, skip=skip, notice=notice, job_parent_dir=job_parent_dir
+        dom,
+        root,
+        mode=mode,
+        skip=skip,
+        notice=notice,
+        job_parent_dir=job_parent_dir,
+        endpoint=endpoint,
     ) as backup:
         backup.begin()
         backup.copy(progress)
@@ -571,13 +725,7 @@ def backup_domain(
 
 @contextmanager
 def connection(uri: str) -> Iterator[Any]:
-    """A libvirt connection for a backup (local daemons only: the NBD socket and the
-    scratch files of a pull-mode job are on the daemon's host)."""
-    if not jobs.is_local(uri):
-        raise SnapfsUserError(
-            f"{uri}: backups from a remote libvirt host are not supported yet (the pull-mode "
-            "NBD socket would be on that host); run snapfs there"
-        )
+    """A libvirt connection for a backup (closed on exit)."""
     conn = jobs.open_connection(uri)
     try:
         yield conn

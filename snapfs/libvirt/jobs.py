@@ -1,14 +1,22 @@
 """libvirt connections, domain disks and pull-mode backup jobs.
 
-Owns everything that talks to libvirt: opening a connection (``open_connection``), reading a
-domain's disks from its XML (``domain_disks``), the backup and checkpoint XML, and
-``PullJob``: one ``virDomainBackupBegin`` in pull mode with its private directory (the NBD
-unix socket and the scratch files), ended by ``PullJob.end`` (``abortJob``, which also makes
-libvirt delete the socket and the scratch files; the directory is removed here).
+Owns everything that talks to libvirt: opening a connection (``open_connection``), which
+URIs are remote (``is_local``) and how a remote job is reached (``TcpEndpoint``,
+``remote_endpoint``), reading a domain's disks from its XML (``domain_disks``), the backup
+and checkpoint XML, and ``PullJob``: one ``virDomainBackupBegin`` in pull mode with its
+private directory, ended by ``PullJob.end`` (``abortJob``, which also makes libvirt delete
+the socket and the scratch files; the directory is removed here).
 
-A private directory holds an ``owner`` file with the pid of the process that began the job:
-a job left behind by a process that died (Ctrl-C during a libvirt outage, ``kill -9``) is
-recognised as ours and stale by ``end_stale_job``, so the next run can end it and proceed.
+Two transports. A local daemon (``qemu:///system``, ``qemu+unix://…``, no host name): the
+NBD server is a unix socket and the scratch files are in the private directory. A remote
+one (any URI with a host name or a transport other than unix): the NBD server listens on
+TCP on the URI's host (a port from a configured range, TLS by default) and the scratch files
+are made on the libvirt host, beside each disk image or in a configured directory there.
+
+A job left behind by a process that died (Ctrl-C during a libvirt outage, ``kill -9``) is
+recognised as ours and stale by ``end_stale_job``, so the next run can end it and proceed:
+a unix job by the ``owner`` file (pid) in its private directory, a TCP job by its scratch
+file names, which carry the pid and a hash of this host's name.
 
 Thread rules: everything here blocks (libvirt RPCs). Callers on the trio loop use
 ``trio.to_thread.run_sync``. A libvirt connection may be shared between threads.
@@ -17,9 +25,13 @@ Thread rules: everything here blocks (libvirt RPCs). Callers on the trio loop us
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import urllib.parse
@@ -31,6 +43,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
+from snapfs.config import LibvirtSettings
 from snapfs.errors import SnapfsError, SnapfsUserError
 
 log = logging.getLogger(__name__)
@@ -74,10 +87,83 @@ def open_connection(uri: str) -> Any:
 
 
 def is_local(uri: str) -> bool:
-    """Whether the daemon runs on this host: the NBD socket and scratch files must be local."""
+    """Whether the daemon is reached over a local unix socket (``qemu:///system``,
+    ``qemu+unix:///system?socket=…``): then its job's NBD unix socket and scratch files are
+    usable here. Any URI with a host name (even ``localhost`` or ``127.0.0.1``) or with a
+    transport other than unix (tcp, ssh, tls, libssh…) counts as remote: its job serves
+    NBD over TCP on that host."""
     parts = urllib.parse.urlsplit(uri)
     transport = parts.scheme.partition("+")[2]
-    return transport in ("", "unix") and parts.hostname in (None, "", "localhost")
+    return transport in ("", "unix") and not parts.hostname
+
+
+# TLS files libnbd reads from a client certificate directory (``nbd_set_tls_certificates``).
+CLIENT_TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+@dataclass(frozen=True)
+class TcpEndpoint:
+    """How the pull-mode job of a remote daemon serves NBD, and how we connect to it."""
+
+    host: str  # QEMU listens on this name on the libvirt host; we connect to it
+    ports: tuple[int, ...]  # candidates, tried in order until QEMU can bind one
+    tls: bool
+    certificates: Path | None = None  # client directory (CLIENT_TLS_FILES) when tls
+    scratch_dir: str | None = None  # on the libvirt host; None: beside each disk image
+
+    def uri(self, port: int, export: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "nbds" if self.tls else "nbd"
+        query = ""
+        if self.tls and self.certificates is not None:
+            query = "?" + urllib.parse.urlencode({"tls-certificates": str(self.certificates)})
+        return f"{scheme}://{host}:{port}/{urllib.parse.quote(export)}{query}"
+
+
+def remote_endpoint(
+    uri: str,
+    settings: LibvirtSettings,
+    *,
+    port: int | None = None,
+    tls: bool | None = None,
+    certificates: str | None = None,
+    scratch_dir: str | None = None,
+) -> TcpEndpoint | None:
+    """The TCP endpoint for jobs of the daemon at ``uri`` (None for a local one); keyword
+    arguments override ``settings``. Refuses (``SnapfsUserError``) TLS without client
+    certificates: disk contents would cross the network in clear."""
+    if is_local(uri):
+        return None
+    host = urllib.parse.urlsplit(uri).hostname
+    if not host:
+        # qemu+ssh:///system and the like: the daemon is on this host, reached another way.
+        host = "localhost"
+    first = settings.nbd_port if port is None else port
+    count = settings.nbd_ports if port is None else 1
+    use_tls = settings.tls if tls is None else tls
+    certs = settings.tls_certificates if certificates is None else certificates
+    cert_dir: Path | None = None
+    if use_tls:
+        if not certs:
+            raise SnapfsUserError(
+                f"{uri}: the backup job of a remote libvirt host serves the disks over TCP, "
+                "and TLS is required ([libvirt] tls = true, the default), but no client "
+                "certificates are configured: set [libvirt] tls_certificates = DIR in the "
+                "settings file or pass --tls-certificates DIR (with "
+                f"{', '.join(CLIENT_TLS_FILES)}), or --no-tls to send disk contents in clear"
+            )
+        cert_dir = Path(certs).expanduser().resolve()
+        missing = [f for f in CLIENT_TLS_FILES if not (cert_dir / f).is_file()]
+        if missing:
+            raise SnapfsUserError(f"{cert_dir}: TLS client directory lacks {', '.join(missing)}")
+    scratch = settings.scratch_dir if scratch_dir is None else scratch_dir
+    return TcpEndpoint(
+        host=host,
+        ports=tuple(range(first, first + count)),
+        tls=use_tls,
+        certificates=cert_dir,
+        scratch_dir=scratch or None,
+    )
 
 
 def error_text(exc: Exception) -> str:
@@ -201,27 +287,38 @@ def export_bitmap(target: str) -> str:
     return f"backup-{target}"
 
 
-def backup_xml(socket: Path, scratch_dir: Path, disks: list[JobDisk], excluded: list[str]) -> str:
-    """``<domainbackup mode='pull'>`` naming every disk: included ones with their mode and
-    scratch file, the others with ``backup='no'`` (an omitted disk would also be left out,
-    but an explicit list says what was meant)."""
-    parts = [
-        "<domainbackup mode='pull'>",
-        f"<server transport='unix' socket={quoteattr(str(socket))}/>",
-        "<disks>",
-    ]
+def unix_server_xml(sock: Path) -> str:
+    return f"<server transport='unix' socket={quoteattr(str(sock))}/>"
+
+
+def tcp_server_xml(host: str, port: int, tls: bool) -> str:
+    return (
+        f"<server transport='tcp' name={quoteattr(host)} port='{port}' "
+        f"tls='{'yes' if tls else 'no'}'/>"
+    )
+
+
+def backup_xml(
+    server: str, scratch: dict[str, str | None], disks: list[JobDisk], excluded: list[str]
+) -> str:
+    """``<domainbackup mode='pull'>`` with the ``<server>`` element ``server``, naming every
+    disk: included ones with their mode and scratch file (``scratch[target]``; None: libvirt
+    picks one), the others with ``backup='no'`` (an omitted disk would also be left out, but
+    an explicit list says what was meant)."""
+    parts = ["<domainbackup mode='pull'>", server, "<disks>"]
     for disk in disks:
         mode = (
             f"backupmode='incremental' incremental={quoteattr(disk.incremental)}"
             if disk.incremental
             else "backupmode='full'"
         )
-        scratch = scratch_dir / f"{disk.target}.scratch"
+        file = scratch.get(disk.target)
+        scratch_el = f"<scratch file={quoteattr(file)}/>" if file else ""
         parts.append(
             f"<disk name={quoteattr(disk.target)} backup='yes' type='file' {mode} "
             f"exportname={quoteattr(disk.target)} "
             f"exportbitmap={quoteattr(export_bitmap(disk.target))}>"
-            f"<scratch file={quoteattr(str(scratch))}/><driver type='qcow2'/></disk>"
+            f"{scratch_el}<driver type='qcow2'/></disk>"
         )
     for target in excluded:
         parts.append(f"<disk name={quoteattr(target)} backup='no'/>")
@@ -244,21 +341,89 @@ def _text(value: str) -> str:
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def host_id() -> str:
+    """A short hash of this host's name, written into the scratch file names of TCP jobs."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def scratch_name(pid: int, target: str) -> str:
+    return f"{JOB_DIR_PREFIX}{pid}-{host_id()}-{target}.scratch"
+
+
+_SCRATCH_RE = re.compile(rf"^{re.escape(JOB_DIR_PREFIX)}(\d+)-([0-9a-f]{{8}})-")
+
+
+def _scratch_files(endpoint: TcpEndpoint, dom: Any, disks: list[JobDisk]) -> dict[str, str | None]:
+    """Scratch files of a TCP job, on the libvirt host: in ``endpoint.scratch_dir`` or beside
+    each disk image; a disk that is not a file (a block device, a network disk) without a
+    configured directory gets None (libvirt's choice)."""
+    sources = {d.target: d.source for d in domain_disks(dom.XMLDesc(0))}
+    files: dict[str, str | None] = {}
+    for disk in disks:
+        name = scratch_name(os.getpid(), disk.target)
+        source = sources.get(disk.target)
+        if endpoint.scratch_dir:
+            files[disk.target] = f"{endpoint.scratch_dir.rstrip('/')}/{name}"
+        elif source and source.startswith("/") and not source.startswith("/dev/"):
+            files[disk.target] = f"{os.path.dirname(source)}/{name}"
+        else:
+            files[disk.target] = None
+    return files
+
+
+def _port_in_use_here(host: str, port: int) -> bool:
+    """Whether ``host:port`` is already bound on this machine (only known when ``host`` is
+    an address of this machine; otherwise False and QEMU's bind decides)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _name, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _bind_failed(message: str) -> bool:
+    text = message.lower()
+    return "address already in use" in text or "failed to bind" in text
+
+
 class PullJob:
     """A running pull-mode backup job of one domain, and its private directory."""
 
     def __init__(
-        self, dom: Any, directory: Path, disks: list[JobDisk], checkpoint: str | None
+        self,
+        dom: Any,
+        directory: Path,
+        disks: list[JobDisk],
+        checkpoint: str | None,
+        endpoint: TcpEndpoint | None = None,
     ) -> None:
         self.dom = dom
         self.directory = directory
-        self.socket = directory / SOCKET_NAME
+        self.socket = directory / SOCKET_NAME  # unix jobs only
         self.disks = disks
         self.checkpoint = checkpoint  # created with the job (deleted again by ``end(failed)``)
+        self.endpoint = endpoint  # TCP jobs only
+        self.port: int | None = None  # the port QEMU listens on (TCP jobs)
         self.ended = False
 
     def uri(self, target: str) -> str:
-        return f"nbd+unix:///{target}?socket={self.socket}"
+        """The libnbd URI of one disk's export."""
+        if self.endpoint is None:
+            return f"nbd+unix:///{target}?socket={self.socket}"
+        assert self.port is not None
+        return self.endpoint.uri(self.port, target)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the job still looks alive from here (its unix socket exists)."""
+        return not self.ended and (self.endpoint is not None or self.socket.exists())
 
     @classmethod
     def begin(
@@ -271,13 +436,16 @@ class PullJob:
         checkpoint_description: str = "",
         directory: Path | None = None,
         parent_dir: Path = Path("/tmp"),
+        endpoint: TcpEndpoint | None = None,
     ) -> PullJob:
         """Start the job (and create ``checkpoint`` atomically with it, if given).
 
-        ``directory`` (created 0700 if missing) holds the socket and scratch files; by
-        default a new ``snapfs-job-*`` directory under ``parent_dir`` (short: unix socket
-        paths must stay under 108 bytes). Raises ``SnapfsUserError`` when the domain is not
-        running or already has a job, ``LibvirtError`` when libvirt refuses the job.
+        ``directory`` (created 0700 if missing) holds the socket and scratch files of a unix
+        job; by default a new ``snapfs-job-*`` directory under ``parent_dir`` (short: unix
+        socket paths must stay under 108 bytes). With ``endpoint`` the job serves NBD over
+        TCP: each of ``endpoint.ports`` is tried until QEMU can bind one. Raises
+        ``SnapfsUserError`` when the domain is not running or already has a job,
+        ``LibvirtError`` when libvirt refuses the job.
         """
         check_running(dom)
         end_stale_job(dom)
@@ -292,25 +460,29 @@ class PullJob:
         else:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         (directory / OWNER_FILE).write_text(f"{os.getpid()}\n")
-        job = cls(dom, directory, disks, checkpoint)
-        xml = backup_xml(job.socket, directory, disks, excluded)
+        job = cls(dom, directory, disks, checkpoint, endpoint)
         cp_xml = (
             checkpoint_xml(checkpoint, checkpoint_description, [d.target for d in disks], excluded)
             if checkpoint
             else None
         )
-        log.debug("backupBegin %s: %s %s", dom.name(), xml, cp_xml)
         try:
-            dom.backupBegin(xml, cp_xml, 0)
-        except libvirt.libvirtError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise LibvirtError(
-                f"cannot begin a backup of domain {dom.name()!r}: {error_text(exc)}"
-            ) from None
-        try:
-            job.wait_for_socket()
+            if endpoint is None:
+                scratch: dict[str, str | None] = {
+                    d.target: str(directory / f"{d.target}.scratch") for d in disks
+                }
+                job._begin(
+                    backup_xml(unix_server_xml(job.socket), scratch, disks, excluded), cp_xml
+                )
+                job.wait_for_socket()
+            else:
+                job._begin_tcp(endpoint, excluded, cp_xml)
         except BaseException:
-            job.end(failed=True)
+            if active_job(dom) is not None or (checkpoint and checkpoint_exists(dom, checkpoint)):
+                job.end(failed=True)
+            else:
+                job.ended = True
+                shutil.rmtree(directory, ignore_errors=True)
             raise
         log.info(
             "backup job of %s started (%s) on %s",
@@ -318,9 +490,44 @@ class PullJob:
             ", ".join(
                 f"{d.target}:{'incr ' + d.incremental if d.incremental else 'full'}" for d in disks
             ),
-            job.socket,
+            job.uri(disks[0].target) if disks else job.socket,
         )
         return job
+
+    def _begin(self, xml: str, cp_xml: str | None) -> None:
+        log.debug("backupBegin %s: %s %s", _name(self.dom), xml, cp_xml)
+        try:
+            self.dom.backupBegin(xml, cp_xml, 0)
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(
+                f"cannot begin a backup of domain {_name(self.dom)!r}: {error_text(exc)}"
+            ) from None
+
+    def _begin_tcp(self, endpoint: TcpEndpoint, excluded: list[str], cp_xml: str | None) -> None:
+        scratch = _scratch_files(endpoint, self.dom, self.disks)
+        last = ""
+        for port in endpoint.ports:
+            if len(endpoint.ports) > 1 and _port_in_use_here(endpoint.host, port):
+                continue
+            xml = backup_xml(
+                tcp_server_xml(endpoint.host, port, endpoint.tls), scratch, self.disks, excluded
+            )
+            try:
+                self._begin(xml, cp_xml)
+            except LibvirtError as exc:
+                if not _bind_failed(exc.message):
+                    raise
+                last = exc.message
+                log.info("NBD port %d on %s is taken: %s", port, endpoint.host, exc.message)
+                continue
+            self.port = port
+            return
+        first, end = endpoint.ports[0], endpoint.ports[-1]
+        raise LibvirtError(
+            f"no free NBD port for the backup job of {_name(self.dom)!r} on {endpoint.host} "
+            f"(tried {first}-{end}; [libvirt] nbd_port, nbd_ports or --nbd-port choose others)"
+            + (f": {last}" if last else "")
+        )
 
     def wait_for_socket(self) -> None:
         deadline = time.monotonic() + SOCKET_WAIT_S
@@ -377,34 +584,75 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def end_stale_job(dom: Any) -> bool:
-    """End a backup job that a dead snapfs process left on ``dom``; True if there was one.
+def end_stale_job(dom: Any) -> str | None:
+    """End a backup job that a dead snapfs process left on ``dom``; a message saying so, or
+    None when there was none.
 
-    Only a job whose socket is in a ``snapfs-job-*`` directory whose ``owner`` pid is gone
-    (or whose directory is gone) is ended: another tool's job, or a live snapfs's, is not.
+    A unix job is ours when its socket is in a ``snapfs-job-*`` directory; it is stale when
+    the ``owner`` pid there is gone (or the directory is). A TCP job is ours when its scratch
+    files are named by ``scratch_name``; it is stale when they name this host and a pid that
+    is gone. Another tool's job, a live snapfs's, or one started from another host is not
+    touched.
     """
     try:
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError:
-        return False  # no backup job
-    server = ET.fromstring(xml).find("server")
+        return None  # no backup job
+    root = ET.fromstring(xml)
+    server = root.find("server")
     sock = server.get("socket") if server is not None else None
-    if not sock or not Path(sock).parent.name.startswith(JOB_DIR_PREFIX):
-        return False
-    directory = Path(sock).parent
-    try:
-        owner = int((directory / OWNER_FILE).read_text().strip())
-    except (OSError, ValueError):
-        owner = None
+    directory: Path | None = None
+    owner: int | None = None
+    if sock:
+        if not Path(sock).parent.name.startswith(JOB_DIR_PREFIX):
+            return None
+        directory = Path(sock).parent
+        try:
+            owner = int((directory / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            owner = None
+    else:
+        owners = set()
+        for scratch in root.findall("./disks/disk/scratch"):
+            match = _SCRATCH_RE.match(os.path.basename(scratch.get("file") or ""))
+            if match:
+                owners.add((int(match.group(1)), match.group(2)))
+        if len(owners) != 1:
+            return None
+        ((owner, host),) = owners
+        if host != host_id():
+            return None  # started from another machine: its pid means nothing here
     if owner is not None and _pid_alive(owner):
-        return False
-    log.warning(
-        "ending the backup job a snapfs process (pid %s) left on domain %s", owner, dom.name()
+        return None
+    message = (
+        f"ended the backup job a snapfs process (pid {owner}, gone) left on domain {_name(dom)}"
     )
+    log.warning("%s", message)
     try:
         abort_job(dom)
     except libvirt.libvirtError as exc:
         log.warning("cannot end it: %s", error_text(exc))
-        return False
-    shutil.rmtree(directory, ignore_errors=True)
-    return True
+        return None
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+    return message
+
+
+def snapfs_checkpoints(dom: Any) -> dict[str, str]:
+    """The checkpoints snapfs made on ``dom`` (by name prefix) with their descriptions."""
+    found = {}
+    try:
+        checkpoints = dom.listAllCheckpoints(0)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot list the checkpoints of %s: %s", _name(dom), error_text(exc))
+        return {}
+    for cp in checkpoints:
+        name = str(cp.getName())
+        if not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        try:
+            desc = ET.fromstring(cp.getXMLDesc(0)).findtext("description") or ""
+        except (libvirt.libvirtError, ET.ParseError):
+            desc = ""
+        found[name] = desc
+    return found

@@ -5,10 +5,16 @@ disks are NBD URIs planned in advance) and ``LiveJobs`` (the pull-mode backup jo
 those URIs: one per domain, started on the first access of any of its disks, ended after
 ``idle_timeout`` seconds without a connected export and at unmount).
 
-The URIs are known before any job exists: a domain's job always serves on
+The URIs are known before any job exists. A local daemon's job always serves on
 ``<runtime dir>/snapfs-job-<domain uuid>/nbd.sock``, each disk under its target name
-(``nbd+unix:///vda?socket=…``). ``ExportManager.prepare_uri`` calls ``LiveJobs.prepare``
-with such a URI before connecting; the domain is found from the directory name.
+(``nbd+unix:///vda?socket=…``); the domain is found from the directory name. A remote
+daemon's job (``jobs.is_local``) serves over TCP on the URI's host, on a port planned per
+domain when the catalog is loaded (``[libvirt] nbd_port`` plus the domain's index in name
+order), ``nbds://`` unless ``[libvirt] tls = false``; the plan (port → domain uuid) is kept
+in ``<runtime dir>/tcp-ports.json``. ``ExportManager.prepare_uri`` calls
+``LiveJobs.prepare`` with such a URI before connecting. Settings come from the default
+settings file (``snapfs.config.load_settings``). Guest files (``files/``) need a unix
+socket the appliance can attach to: remote live views show disks only.
 
 Point in time: a job shows the disks as they were when it began. A job ended when idle and
 started again later shows a later point in time (see the lead's notes on caching).
@@ -21,6 +27,8 @@ run on the trio loop; every libvirt call goes through ``trio.to_thread.run_sync`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -35,6 +43,7 @@ import libvirt
 import trio
 
 from snapfs.catalog.model import Catalog, Disk, Problem, Snapshot, Vm
+from snapfs.config import LibvirtSettings, load_settings
 from snapfs.errors import BackendUnavailable, SnapfsError, SnapfsUserError
 from snapfs.libvirt import jobs
 from snapfs.libvirt.jobs import is_libvirt_uri
@@ -48,6 +57,8 @@ SNAPSHOT_ID = "now"
 _SUN_PATH_MAX = 107
 # How often the reaper looks for jobs without connected exports.
 REAP_INTERVAL_S = 2.0
+# Planned TCP ports of a remote daemon's jobs: {"<port>": "<domain uuid>"}.
+TCP_PLAN_FILE = "tcp-ports.json"
 
 _runtime_dir: Path | None = None
 
@@ -71,32 +82,47 @@ def disk_uri(runtime_dir: Path, uuid: str, target: str) -> str:
     return f"nbd+unix:///{target}?socket={sock}"
 
 
-def load_libvirt(uri: str, runtime_dir: Path | None = None) -> Catalog:
+def _settings(settings: LibvirtSettings | None) -> LibvirtSettings:
+    return settings if settings is not None else load_settings().libvirt
+
+
+def load_libvirt(
+    uri: str, runtime_dir: Path | None = None, settings: LibvirtSettings | None = None
+) -> Catalog:
     """The live catalog of the libvirt daemon at ``uri`` (blocking).
 
     Each running domain is a VM (id: its uuid) with one snapshot ``now``: its disks (those a
     backup would include) with their capacity as size, and its current XML as
-    ``domain.xml``. Stopped domains are left out (logged). Nothing is started here.
+    ``domain.xml``. Stopped domains are left out (logged). Nothing is started here. A remote
+    daemon without TLS client certificates configured is refused while TLS is required.
     """
-    if not jobs.is_local(uri):
-        raise SnapfsUserError(
-            f"{uri}: live views of a remote libvirt host are not supported yet (the job's "
-            "NBD socket would be on that host)"
-        )
+    endpoint = jobs.remote_endpoint(uri, _settings(settings))
     runtime_dir = runtime_dir or live_runtime_dir()
     conn = jobs.open_connection(uri)
     vms: list[Vm] = []
     problems: list[Problem] = []
+    plan: dict[str, str] = {}
     now = time.time()
     try:
-        for dom in conn.listAllDomains():
+        domains = sorted(conn.listAllDomains(), key=lambda d: str(d.name()))
+        for dom in domains:
             name = str(dom.name())
             if not dom.isActive():
                 log.info("domain %s is not running: not shown", name)
                 continue
             uuid = jobs.domain_uuid(dom)
             try:
-                vms.append(_live_vm(dom, name, uuid, runtime_dir, now))
+                if endpoint is None:
+                    vms.append(_live_vm(dom, name, uuid, runtime_dir, now, None))
+                    continue
+                if len(plan) >= len(endpoint.ports):
+                    raise SnapfsUserError(
+                        f"no NBD port left for this domain ([libvirt] nbd_ports = "
+                        f"{len(endpoint.ports)})"
+                    )
+                port = endpoint.ports[len(plan)]
+                plan[str(port)] = uuid
+                vms.append(_live_vm(dom, name, uuid, runtime_dir, now, (endpoint, port)))
             except (libvirt.libvirtError, SnapfsError, OSError) as exc:
                 message = jobs.error_text(exc)
                 problems.append(Problem(f"domain {name}", message))
@@ -104,10 +130,19 @@ def load_libvirt(uri: str, runtime_dir: Path | None = None) -> Catalog:
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+    if endpoint is not None:
+        (runtime_dir / TCP_PLAN_FILE).write_text(json.dumps(plan), encoding="utf-8")
     return Catalog(vms=tuple(sorted(vms, key=lambda v: v.name)), problems=tuple(problems))
 
 
-def _live_vm(dom: Any, name: str, uuid: str, runtime_dir: Path, now: float) -> Vm:
+def _live_vm(
+    dom: Any,
+    name: str,
+    uuid: str,
+    runtime_dir: Path,
+    now: float,
+    tcp: tuple[jobs.TcpEndpoint, int] | None,
+) -> Vm:
     xml = dom.XMLDesc(0)
     config_dir = runtime_dir / "config" / uuid
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +153,10 @@ def _live_vm(dom: Any, name: str, uuid: str, runtime_dir: Path, now: float) -> V
         if not disk.backup:
             continue
         capacity = int(dom.blockInfo(disk.target)[0])
-        uri = disk_uri(runtime_dir, uuid, disk.target)
+        if tcp is None:
+            uri = disk_uri(runtime_dir, uuid, disk.target)
+        else:
+            uri = tcp[0].uri(tcp[1], disk.target)
         disks.append(
             Disk(
                 name=disk.target,
@@ -158,10 +196,16 @@ class LiveJobs:
     """The pull-mode jobs behind a live libvirt catalog (see the module doc)."""
 
     def __init__(
-        self, uri: str, runtime_dir: Path | None = None, *, idle_timeout: float = 60.0
+        self,
+        uri: str,
+        runtime_dir: Path | None = None,
+        *,
+        idle_timeout: float = 60.0,
+        settings: LibvirtSettings | None = None,
     ) -> None:
         self.uri = uri
         self.runtime_dir = runtime_dir or live_runtime_dir()
+        self.endpoint = jobs.remote_endpoint(uri, _settings(settings))
         self.idle_timeout = idle_timeout
         self._conn: Any = None
         self._jobs: dict[str, jobs.PullJob] = {}
@@ -169,7 +213,12 @@ class LiveJobs:
         self._last_used: dict[str, float] = {}
 
     def _uuid_of(self, nbd_uri: str) -> str | None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(nbd_uri).query)
+        parts = urllib.parse.urlsplit(nbd_uri)
+        if self.endpoint is not None:
+            if parts.scheme not in ("nbd", "nbds") or parts.hostname != self.endpoint.host:
+                return None
+            return self._planned().get(str(parts.port))
+        query = urllib.parse.parse_qs(parts.query)
         sock = Path(query.get("socket", [""])[0])
         directory = sock.parent
         if directory.parent != self.runtime_dir or not directory.name.startswith(
@@ -186,6 +235,20 @@ class LiveJobs:
         except libvirt.libvirtError:
             raise SnapfsUserError(f"domain {uuid} is gone") from None
 
+    def _planned(self) -> dict[str, str]:
+        """The planned TCP ports of a remote daemon's jobs (port → domain uuid)."""
+        try:
+            plan = json.loads((self.runtime_dir / TCP_PLAN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in plan.items()} if isinstance(plan, dict) else {}
+
+    def _port_of(self, uuid: str) -> int:
+        for port, planned in self._planned().items():
+            if planned == uuid:
+                return int(port)
+        raise SnapfsUserError(f"domain {uuid} has no planned NBD port (reload the mount)")
+
     def _alive(self) -> bool:
         try:
             return bool(self._conn.isAlive())
@@ -197,8 +260,12 @@ class LiveJobs:
         disks = jobs.domain_disks(dom.XMLDesc(0))
         included = [jobs.JobDisk(d.target) for d in disks if d.backup]
         excluded = [d.target for d in disks if not d.backup]
+        endpoint = self.endpoint
+        if endpoint is not None:
+            # The URIs are planned: this domain's port only, no other.
+            endpoint = dataclasses.replace(endpoint, ports=(self._port_of(uuid),))
         return jobs.PullJob.begin(
-            dom, included, excluded, directory=job_dir(self.runtime_dir, uuid)
+            dom, included, excluded, directory=job_dir(self.runtime_dir, uuid), endpoint=endpoint
         )
 
     async def prepare(self, uri: str) -> None:
@@ -212,7 +279,7 @@ class LiveJobs:
         async with lock:
             self._last_used[uuid] = time.monotonic()
             job = self._jobs.get(uuid)
-            if job is not None and not job.ended and job.socket.exists():
+            if job is not None and job.serving:
                 return
             if job is not None:
                 await trio.to_thread.run_sync(job.end)
@@ -227,9 +294,11 @@ class LiveJobs:
         lock = self._locks.setdefault(uuid, trio.Lock())
         with trio.CancelScope(shield=True):
             async with lock:
-                job = self._jobs.pop(uuid, None)
+                # Listed as running until libvirt has really ended it.
+                job = self._jobs.get(uuid)
                 if job is not None:
                     await trio.to_thread.run_sync(job.end)
+                    del self._jobs[uuid]
 
     async def reap_idle(self, exports: _Exports) -> None:
         """End jobs none of whose exports has been connected for ``idle_timeout`` seconds
@@ -249,8 +318,8 @@ class LiveJobs:
 
     @property
     def running(self) -> list[str]:
-        """The uuids of domains whose job runs."""
-        return [u for u, j in self._jobs.items() if not j.ended]
+        """The uuids of domains whose job runs (or is being ended)."""
+        return list(self._jobs)
 
     async def aclose(self) -> None:
         """End every job, close the connection, remove the runtime directory."""

@@ -6,6 +6,14 @@ bind-mounted over ``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt``,
 daemons can run side by side), under ``tini -s`` as child subreaper (QEMU is double-forked
 by libvirt; without a subreaper every domain destroy waits 1-2 s for PID 1 to reap it).
 
+The daemon also listens on TCP on 127.0.0.1 (``libvirtd --listen``, ``listen_tcp = 1``,
+``auth_tcp = "none"``; libvirt 9's monolithic libvirtd needs ``--listen`` without systemd
+socket activation): ``tcp_uri`` (``qemu+tcp://127.0.0.1:PORT/system``) is a remote URI to
+snapfs, whose pull-mode jobs then serve NBD over TCP. A throw-away PKI made with
+``certtool`` (a CA, a server certificate for 127.0.0.1, a client certificate) is the
+daemon's ``backup_tls_x509_cert_dir`` (client certificates verified), and ``client_pki``
+is the directory a TLS client passes to libnbd.
+
 Also helpers to make TCG test domains (no guest OS) and to write into their running disks
 through QEMU's ``qemu-io`` monitor command. Blocking; tests call it from the test thread.
 """
@@ -16,6 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -45,12 +54,66 @@ namespaces = [ ]
 
 _BIND = ("etc", "run", "lib", "log")
 
+_CA = "cn = snapfs test CA\nca\ncert_signing_key\nexpiration_days = 2\n"
+_SERVER = (
+    "organization = snapfs\ncn = 127.0.0.1\nip_address = 127.0.0.1\ndns_name = localhost\n"
+    "tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n"
+)
+_CLIENT = (
+    "organization = snapfs\ncn = snapfs-test-client\n"
+    "tls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n"
+)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _certtool(*args: str) -> None:
+    subprocess.run(["certtool", "-q", *args], check=True, capture_output=True)
+
+
+def make_pki(d: Path) -> tuple[Path, Path]:
+    """A CA, a server certificate (127.0.0.1) and a client certificate: (server directory
+    as QEMU reads it, client directory as libnbd reads it)."""
+    server, client = d / "server", d / "client"
+    for x in (d, server, client):
+        x.mkdir(mode=0o700)
+    for name, text in (("ca.info", _CA), ("server.info", _SERVER), ("client.info", _CLIENT)):
+        (d / name).write_text(text)
+    ca_key, ca_cert = d / "ca-key.pem", d / "ca-cert.pem"
+    _certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(ca_key))
+    _certtool(
+        "--generate-self-signed",
+        "--load-privkey", str(ca_key),
+        "--template", str(d / "ca.info"),
+        "--outfile", str(ca_cert),
+    )  # fmt: skip
+    for role, where in (("server", server), ("client", client)):
+        key, cert = where / f"{role}-key.pem", where / f"{role}-cert.pem"
+        _certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", str(key))
+        _certtool(
+            "--generate-certificate",
+            "--load-privkey", str(key),
+            "--load-ca-certificate", str(ca_cert),
+            "--load-ca-privkey", str(ca_key),
+            "--template", str(d / f"{role}.info"),
+            "--outfile", str(cert),
+        )  # fmt: skip
+        shutil.copy(ca_cert, where / "ca-cert.pem")
+    return server, client
+
 
 def why_unavailable() -> str | None:
     """Why a private libvirtd cannot run here, or None if it can."""
     for tool in ("libvirtd", "tini", "unshare", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (scripts/bootstrap installs it)"
+    if shutil.which("certtool") is None:
+        return "certtool is not installed (gnutls-bin; scripts/bootstrap installs it)"
     if os.geteuid() != 0:
         return "a private system libvirtd needs root (mount namespace, qemu:///system)"
     return None
@@ -63,6 +126,9 @@ class LibvirtDaemon:
         # Short path: the sockets inside must stay under 108 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix="snapfs-lv-", dir="/tmp"))
         self.uri = f"qemu+unix:///system?socket={self.dir}/sock/libvirt-sock"
+        self.tcp_port = free_port()
+        self.tcp_uri = f"qemu+tcp://127.0.0.1:{self.tcp_port}/system"
+        self.client_pki = self.dir / "pki" / "client"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -70,13 +136,23 @@ class LibvirtDaemon:
         for name in (*_BIND, "sock"):
             (d / name).mkdir(mode=0o700)
         CACHE_DIR.mkdir(mode=0o700, exist_ok=True)
-        (d / "etc" / "qemu.conf").write_text(_QEMU_CONF)
+        server_pki, _client = make_pki(d / "pki")
+        (d / "etc" / "qemu.conf").write_text(
+            _QEMU_CONF
+            + f'backup_tls_x509_cert_dir = "{server_pki}"\n'
+            + "backup_tls_x509_verify = 1\n"
+        )
         conf = d / "libvirtd.conf"
         conf.write_text(
             f'unix_sock_dir = "{d}/sock"\n'
             'unix_sock_rw_perms = "0700"\n'
             'auth_unix_rw = "none"\n'
             'auth_unix_ro = "none"\n'
+            "listen_tcp = 1\n"
+            "listen_tls = 0\n"
+            'listen_addr = "127.0.0.1"\n'
+            f'tcp_port = "{self.tcp_port}"\n'
+            'auth_tcp = "none"\n'
             f'log_outputs = "3:file:{d}/libvirtd.log"\n'
         )
         script = (
@@ -85,7 +161,7 @@ class LibvirtDaemon:
             f"mount --bind {d}/lib /var/lib/libvirt && "
             f"mount --bind {d}/log /var/log/libvirt && "
             f"mount --bind {CACHE_DIR} /var/cache/libvirt && "
-            f"exec libvirtd -f {conf} -p {d}/libvirtd.pid"
+            f"exec libvirtd --listen -f {conf} -p {d}/libvirtd.pid"
         )
         for target in (
             "/etc/libvirt",
@@ -121,6 +197,7 @@ class LibvirtDaemon:
             if (d / "sock" / "libvirt-sock").exists():
                 try:
                     libvirt.open(self.uri).close()
+                    libvirt.open(self.tcp_uri).close()
                     return
                 except libvirt.libvirtError:
                     pass
