@@ -16,6 +16,7 @@ fails every command in flight with ``ConnectionLost`` and the handle is not reus
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,8 +149,8 @@ class NbdConnection:
             await trio.lowlevel.wait_readable(self._fd)
             h.aio_notify_read()
 
-    async def _poll_inline(self, entry: _Pending) -> None:
-        """Drive the handle from the requesting task until ``entry`` completes.
+    async def _poll_inline(self, entries: list[_Pending]) -> None:
+        """Drive the handle from the requesting task until ``entries`` complete.
 
         Used when the connection was idle: waking the driver task costs a task switch per
         request, a quarter of a small read's latency here. Other commands submitted
@@ -157,7 +158,7 @@ class NbdConnection:
         """
         self._inline = True
         try:
-            while not entry.done.is_set():
+            while not all(entry.done.is_set() for entry in entries):
                 await self._step(self._h)
                 self._reap()
         except nbd.Error as exc:
@@ -192,41 +193,111 @@ class NbdConnection:
             entry.done.set()
         self._pending.clear()
 
-    async def _submit(self, issue: Callable[[], int], keepalive: Any) -> None:
+    def _send(self, issue: Callable[[], int]) -> int:
+        """Send one command (non-blocking); its cookie."""
         if self.dead is not None:
             raise self.dead
         try:
-            cookie = issue()
+            return issue()
         except nbd.Error as exc:
             if self._h.aio_is_dead() or self._h.aio_is_closed():
                 self._die(ConnectionLost(f"NBD connection {self.name} died: {exc}"))
                 raise self.dead from exc  # type: ignore[misc]
             raise
-        idle = not self._pending and not self._inline
+
+    def _issue(self, issue: Callable[[], int], keepalive: Any) -> _Pending:
+        """Send one command; its entry completes when the reply is in."""
         entry = _Pending(keepalive=keepalive)
-        self._pending[cookie] = entry
+        self._pending[self._send(issue)] = entry
+        return entry
+
+    async def _await(self, entries: list[_Pending], idle: bool) -> None:
+        """Wait until every entry completed; raise the first error."""
         with trio.CancelScope(shield=True):
             # A command cannot be withdrawn once sent; its buffer must outlive it.
             if idle and self._driver_scope is not None:
-                await self._poll_inline(entry)
-                if entry.error is not None:
-                    raise entry.error
-                return
-            self._work.set()
-            if (
-                self._wait_scope is not None
-                and self._h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE
-            ):
-                # The driver is waiting to read, but this command still has bytes to send.
-                self._wait_scope.cancel()
-            await entry.done.wait()
-        if entry.error is not None:
-            raise entry.error
+                await self._poll_inline(entries)
+            else:
+                self._work.set()
+                if (
+                    self._wait_scope is not None
+                    and self._h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE
+                ):
+                    # The driver is waiting to read, but a command still has bytes to send.
+                    self._wait_scope.cancel()
+                for entry in entries:
+                    await entry.done.wait()
+        for entry in entries:
+            if entry.error is not None:
+                raise entry.error
+
+    async def _submit(self, issue: Callable[[], int], keepalive: Any) -> None:
+        if self._pending or self._inline or self._driver_scope is None:
+            await self._await([self._issue(issue, keepalive)], idle=False)
+        else:
+            await self._submit_idle(self._send(issue), keepalive)
+
+    async def _submit_idle(self, cookie: int, keepalive: Any) -> None:
+        """Complete one command on an idle connection, polling from this task.
+
+        The common case of a reader at queue depth 1 (random reads), kept lean: no event,
+        no cancel scope, no wake-up of the driver task (together ~30 µs per read here).
+        Commands other tasks submit meanwhile are reaped as their replies come in.
+        """
+        h = self._h
+        self._inline = True
+        done = False
+        try:
+            while True:
+                try:
+                    done = bool(h.aio_command_completed(cookie))
+                except nbd.Error:
+                    done = True  # it failed: retired, with its own errno
+                    raise
+                if done:
+                    return
+                try:
+                    await self._step(h)
+                except nbd.Error as exc:
+                    self._die(ConnectionLost(f"NBD connection {self.name} failed: {exc}"))
+                if self._pending:
+                    self._reap()
+                if self.dead is not None or h.aio_is_dead():
+                    done = True
+                    if self.dead is None:
+                        self._die(ConnectionLost(f"NBD connection {self.name} died"))
+                    raise self.dead  # type: ignore[misc]
+        finally:
+            if not done:
+                # Cancelled while the command is in flight: it cannot be withdrawn. The
+                # driver finishes it; the entry keeps its buffer alive until then.
+                self._pending[cookie] = _Pending(keepalive=keepalive)
+            self._inline = False
+            if self._pending:
+                self._work.set()
 
     async def pread_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` with the export's bytes at ``offset``."""
         buf = nbd.Buffer.from_buffer(view)
         await self._submit(lambda: self._h.aio_pread(buf, offset), buf)
+
+    async def pread_pieces(self, pieces: list[tuple[memoryview, int]]) -> None:
+        """Fill each (view, offset) piece; all requests are in flight at once (pipelined).
+
+        A 1 MiB read sent as four 256 KiB requests arrives sooner than as one: qemu-nbd
+        reads the next piece while the previous one is on the wire (measured here: ~480 µs
+        vs ~810 µs per MiB).
+        """
+        idle = not self._pending and not self._inline
+        entries: list[_Pending] = []
+        try:
+            for view, offset in pieces:
+                buf = nbd.Buffer.from_buffer(view)
+                entries.append(self._issue(functools.partial(self._h.aio_pread, buf, offset), buf))
+        finally:
+            # Whatever was sent must complete before its buffer may be reused.
+            if entries:
+                await self._await(entries, idle)
 
     async def pwrite(self, data: bytes | memoryview, offset: int, fua: bool = False) -> None:
         buf = nbd.Buffer.from_buffer(data)

@@ -49,6 +49,9 @@ _MAX_BUFFERS = 8
 _LIVENESS_INTERVAL_S = 1.0
 # After a failed (re)start, fail reads without retrying for this long.
 RETRY_AFTER_S = 30.0
+# Data reads bigger than this go out as pipelined pieces of this size (see
+# NbdConnection.pread_pieces): qemu-nbd then reads one piece while sending the previous.
+READ_PIECE = 256 << 10
 # Write-zeroes requests are split below the protocol's 32-bit length.
 _ZERO_CHUNK = 1 << 30
 # How often the reaper looks for idle exports.
@@ -292,12 +295,18 @@ class DiskExport:
         view = memoryview(buf)
         self._in_flight += 1
         try:
+            pieces: list[tuple[memoryview, int]] = []
             for start, end, data in segments:
-                part = view[start - offset : end - offset]
-                if data:
-                    await self._pick().pread_into(part, start)
-                else:
-                    _zero_fill(part)
+                if not data:
+                    _zero_fill(view[start - offset : end - offset])
+                    continue
+                for piece in range(start, end, READ_PIECE):
+                    piece_end = min(end, piece + READ_PIECE)
+                    pieces.append((view[piece - offset : piece_end - offset], piece))
+            if len(pieces) == 1:
+                await self._pick().pread_into(*pieces[0])
+            elif pieces:
+                await self._pick().pread_pieces(pieces)
         except ConnectionLost as exc:
             await self._io_failed(exc)
             raise

@@ -132,3 +132,45 @@ async def test_corrupt_image_fails_with_reason(tmp_path, runtime_dir, caplog):
             await export.read(0, 10)
         await mgr.stop_all()
         nursery.cancel_scope.cancel()
+
+
+async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
+    """One connection: idle-path reads, pipelined pieces, overlapping readers, and a reader
+    cancelled mid-command (the command completes behind it; the connection stays usable)."""
+    image, expect = chain
+    async with trio.open_nursery() as nursery:
+        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=1))
+        export = mgr.export_for(image, "qcow2")
+        await export.acquire()
+        conn = export._pick()  # noqa: SLF001 - the one connection under test
+        buf = bytearray(3 * MiB + 4096)
+        view = memoryview(buf)
+        # Pipelined pieces of uneven sizes, in one call.
+        pieces = [(view[:MiB], 0), (view[MiB : 3 * MiB], 4 * MiB), (view[3 * MiB :], 12 * MiB)]
+        await conn.pread_pieces(pieces)
+        assert buf[:MiB] == expect[:MiB]
+        assert buf[MiB : 3 * MiB] == expect[4 * MiB : 6 * MiB]
+        assert buf[3 * MiB :] == expect[12 * MiB : 12 * MiB + 4096]
+        # A reader cancelled while its command is in flight, others overlapping it.
+        for _ in range(20):
+            with trio.move_on_after(0) as scope:
+                await conn.pread_into(memoryview(bytearray(MiB)), 5 * MiB)
+            assert scope.cancelled_caught or conn.in_flight == 0
+            got: dict[int, bytes] = {}
+
+            async def reader(off: int) -> None:
+                b = bytearray(65536)
+                await conn.pread_into(memoryview(b), off)
+                got[off] = bytes(b)
+
+            async with trio.open_nursery() as inner:
+                for off in (0, 5 * MiB, 12 * MiB, 8 * MiB):
+                    inner.start_soon(reader, off)
+            for off, data in got.items():
+                assert data == expect[off : off + 65536]
+        assert conn.dead is None
+        with trio.fail_after(10):
+            while conn.in_flight:
+                await trio.sleep(0.01)
+        export.release()
+        await mgr.stop_all()
