@@ -76,6 +76,9 @@ COPY_CHUNK = 4 << 20
 # Requests in flight per disk (reads from the job plus writes into the new image): at most
 # COPY_DEPTH * COPY_CHUNK bytes of buffers. Measured in docs/benchmarks.md ("backup copy").
 COPY_DEPTH = 8
+# The local qemu-nbd writing a new image: with "writeback" every flush is an fdatasync;
+# the commit fsyncs every file of the snapshot anyway (writer._fsync_tree).
+DEST_CACHE = "writeback"
 # The copy loop wakes up at least this often (Ctrl-C is handled between waits anyway).
 _POLL_MS = 1000
 
@@ -486,7 +489,7 @@ class DomainBackup:
         dst = nbd.NBD()
         try:
             dst.connect_systemd_socket_activation(
-                ["qemu-nbd", "-f", "qcow2", "--cache=writeback", "--aio=threads", str(image)]
+                ["qemu-nbd", "-f", "qcow2", f"--cache={DEST_CACHE}", "--aio=threads", str(image)]
             )
 
             def report(done: int) -> None:
