@@ -11,7 +11,10 @@ acquires the export; ``after_shutdown`` releases the export, flushes it, forgets
 guest cache (``disk.img`` may be rewritten before the next launch) and calls
 ``end_guest_rw``. The appliance stays while any guest file is open (the session is pinned:
 ``busy``), and is shut down by the pool when idle, or at unmount (``RestoreGuests.aclose``:
-buffered writes sent, ``sync``, ``umount_all``, shutdown, NBD flush).
+buffered writes sent, ``sync``, ``umount_all``, shutdown, NBD flush). ``fsync`` of a guest
+file is the appliance's ``sync`` and then an NBD flush of the export. A dead appliance is
+shut down by its ``RwGuestSession`` (the same ``after_shutdown``), and the next access
+launches a new one.
 
 Nodes keep no guest metadata: every getattr/lookup asks the tree, whose cache is exact after
 each change (rwtree.py); the kernel caches entries and attributes for ``GUEST_TTL_S`` and
@@ -34,8 +37,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from snapfs.errors import NotFound, SnapfsError
-from snapfs.guestfs import AppliancePool, GuestfsSettings, GuestSession, GuestStat, View
-from snapfs.guestfs.rwtree import RwGuestTree
+from snapfs.guestfs import AppliancePool, GuestfsSettings, GuestStat, View
+from snapfs.guestfs.rwtree import RwGuestSession, RwGuestTree
 from snapfs.vfs import AttrChanges, Attrs, Caller, Dir, File, Node, OpenFile, Tree, derive_inode
 
 if TYPE_CHECKING:
@@ -67,7 +70,7 @@ class RestoreGuest:
         self._acquired = False
         self._guest_rw = False
         self._pins = 0
-        self.session: GuestSession | None = None
+        self.session: RwGuestSession | None = None
         self.guest: RwGuestTree | None = None
 
     @property
@@ -83,18 +86,25 @@ class RestoreGuest:
         self._export = export
         # Volume names follow the disk's name in the VM (vda1), as under the snapshot.
         disk_name = restore.source.disk if restore.source is not None else "vda"
-        session = GuestSession(
+        session = RwGuestSession(
             f"restore/{restore.name}",
             [(disk_name, str(export.socket_path))],
             self._settings,
             self._pool,
-            readonly=False,
         )
         session.before_launch = self._before_launch
         session.after_shutdown = self._after_shutdown
         self.session = session
         self.guest = RwGuestTree(session, ino_salt=f"restore/{restore.name}".encode())
+        self.guest.after_sync = self._flush_export
         return self.guest
+
+    async def _flush_export(self) -> None:
+        """After the appliance's sync (fsync of a guest file): qemu-nbd writes its caches
+        (qcow2 metadata) and fdatasyncs the image, whatever the appliance's drive does with
+        flushes."""
+        if self._acquired and self._export is not None:
+            await self._export.flush()
 
     def _disk_file(self) -> RestoreDiskFile:
         from snapfs.restore_tree import DISK_FILE, RestoreDiskFile

@@ -29,6 +29,19 @@ listing, bind-mount aliases, see tree.py); a change whose path is not UTF-8 fail
 EINVAL and says why in the log. Aliases pin a file (a bind mount makes it busy), so they are
 unmounted before every namespace change.
 
+Durability: ``fsync`` sends the file's buffered writes, runs ``sync`` in the appliance (the
+guest kernel flushes its drive: an NBD flush to qemu-nbd) and then ``after_sync`` (the owner's
+own NBD flush of the export), so what was fsynced is in the image file, not in a cache of
+the appliance or of qemu-nbd.
+
+A dead appliance (its qemu killed or crashed: libguestfs drops the handle back to the
+config state, and every later call would fail): ``RwGuestSession`` notices it on the failed
+call, logs why, and shuts the appliance down for good (the owner's ``after_shutdown`` flushes
+the export), so the next access launches a new one, whose kernel replays the guest
+filesystem's journal. The call that met the death fails with EIO, and so does the next
+write/fsync/close of every file whose data had been sent since the last sync (it may be lost);
+buffered data of those files is dropped, that of other files is kept for the new appliance.
+
 Thread rules: as ``GuestTree``: async methods on the trio loop, libguestfs calls in jobs run
 by ``GuestSession.call`` (a worker thread, serialized per session). Caches and write buffers
 are only touched on the loop, and cache updates follow a job with no await in between, so the
@@ -42,9 +55,10 @@ import errno
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -52,8 +66,12 @@ from snapfs.errors import GuestfsError, IsADirectory, NotFound, SnapfsError, gue
 
 from .model import DirEntry, GuestStat, View, Volume
 from .session import GuestSession, LaunchState
+from .settings import GuestfsSettings
 from .shell import sh_bytes
 from .tree import GuestTree, _split
+
+if TYPE_CHECKING:
+    from .pool import AppliancePool
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +86,77 @@ PWRITE_PIECE = 1 << 20
 _PENDING_MAX = 64 << 20
 # g.utimens: a nanoseconds field of -2 leaves that time unchanged (UTIME_OMIT).
 _UTIME_OMIT = -2
+
+
+class ApplianceDied(GuestfsError):
+    """The appliance's qemu went away under a call (killed, crashed): EIO."""
+
+    def __init__(self, message: str, generation: int) -> None:
+        super().__init__(message, errno=errno.EIO)
+        self.generation = generation  # which launch died
+
+
+def _appliance_alive(g: Any) -> bool:
+    """After a failed call: is the handle still connected to a running appliance?
+
+    libguestfs puts a handle whose qemu died back into the config state."""
+    try:
+        return bool(g.is_ready())
+    except Exception:
+        return False
+
+
+class RwGuestSession(GuestSession):
+    """A session with writable drives that survives the death of its appliance.
+
+    A call that fails because the appliance is gone raises ``ApplianceDied`` (EIO), after
+    the appliance is shut down (``after_shutdown`` runs: the owner flushes and releases its
+    NBD export) and ``on_died`` has been told; the next call launches a new appliance.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        disks: Sequence[tuple[str, str]],
+        settings: GuestfsSettings | None = None,
+        pool: AppliancePool | None = None,
+    ) -> None:
+        super().__init__(name, disks, settings, pool, readonly=False)
+        self.on_died: Callable[[ApplianceDied], None] | None = None
+        self.deaths = 0
+
+    async def call(self, fn: Callable[[Any, LaunchState], T]) -> T:
+        def job(g: Any, state: LaunchState) -> T:
+            try:
+                return fn(g, state)
+            except Exception as exc:
+                if _appliance_alive(g):
+                    raise
+                text = str(exc).strip().splitlines()
+                raise ApplianceDied(
+                    f"guestfs {self.name}: the appliance died (its qemu was killed or "
+                    f"crashed): {text[0] if text else type(exc).__name__}",
+                    state.generation,
+                ) from exc
+
+        try:
+            return await super().call(job)
+        except ApplianceDied as exc:
+            await self._died(exc)
+            raise
+
+    async def _died(self, exc: ApplianceDied) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                # Only the launch that died (another caller may have relaunched already).
+                if self._state is None or self._state.generation != exc.generation:
+                    return
+                self.deaths += 1
+                log.error("%s; data not synced to it is lost; the next access starts a new "
+                          "appliance", exc.message)
+                if self.on_died is not None:
+                    self.on_died(exc)
+                await self._shutdown_locked()
 
 
 @dataclass
@@ -94,8 +183,30 @@ class RwGuestTree(GuestTree):
         self._pending_bytes = 0
         self._flush_locks: dict[tuple[int, int], trio.Lock] = {}
         self._write_errors: dict[tuple[int, int], SnapfsError] = {}
+        # Inodes whose data was sent to the appliance since its last sync (lost if it dies).
+        self._unsynced: set[tuple[int, int]] = set()
         self._prepared_generation = -1
         self._closed = False
+        # The owner's NBD flush, run after each sync (fsync): the image file holds the data.
+        self.after_sync: Callable[[], Awaitable[None]] | None = None
+        if isinstance(session, RwGuestSession):
+            session.on_died = self._appliance_died
+
+    def _appliance_died(self, exc: ApplianceDied) -> None:
+        """The appliance is gone with whatever it had not synced: every file written since
+        the last sync fails its next write/fsync/close with EIO; their buffered data is
+        dropped (it would land after a lost part). Other buffered writes wait for the next
+        appliance."""
+        error = SnapfsError(
+            f"{exc.message}; data written since the last fsync may be lost", errno=errno.EIO
+        )
+        lost = set(self._unsynced) | set(self._inflight_end)
+        self._unsynced.clear()
+        for key in lost:
+            self._write_errors.setdefault(key, error)
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                self._pending_bytes -= pending.end - pending.start
 
     # -- cache life ----------------------------------------------------------------------------
 
@@ -337,6 +448,7 @@ class RwGuestTree(GuestTree):
             size = pending.end - pending.start
             self._pending_bytes -= size
             self._inflight_end[key] = pending.end
+            self._unsynced.add(key)
             data = b"".join(pending.parts)
             pending.parts.clear()
             vol, vpath, start = pending.vol, pending.vpath, pending.start
@@ -398,8 +510,13 @@ class RwGuestTree(GuestTree):
         await self.sync()
 
     async def sync(self) -> None:
+        """Everything buffered sent, synced by the appliance, then ``after_sync``."""
         await self.flush_all()
+        covered = set(self._unsynced)  # what was sent before this sync (FIFO session)
         await self._call(lambda g, s: g.sync())
+        self._unsynced -= covered
+        if self.after_sync is not None:
+            await self.after_sync()
 
     async def _before_change(self, vol: Volume, guest_ino: int | None) -> None:
         if guest_ino is not None:
@@ -738,10 +855,14 @@ class RwGuestTree(GuestTree):
                     g.umount_all()
                     state.mounted.clear()
 
+                started = time.monotonic()
                 try:
                     await self._call(finish)
                 except SnapfsError as exc:
                     log.error("guestfs %s: sync/unmount at close failed: %s",
                               self.session.name, exc.message)
+                else:
+                    log.info("guestfs %s: synced and unmounted in %.1f s",
+                             self.session.name, time.monotonic() - started)
             self._closed = True
             await self.session.aclose()
