@@ -125,7 +125,7 @@ class RwGuestSession(GuestSession):
         self.on_died: Callable[[ApplianceDied], None] | None = None
         self.deaths = 0
 
-    async def call(self, fn: Callable[[Any, LaunchState], T]) -> T:
+    async def call(self, fn: Callable[[Any, LaunchState], T], *, launch: bool = True) -> T:
         def job(g: Any, state: LaunchState) -> T:
             try:
                 return fn(g, state)
@@ -140,7 +140,7 @@ class RwGuestSession(GuestSession):
                 ) from exc
 
         try:
-            return await super().call(job)
+            return await super().call(job, launch=launch)
         except ApplianceDied as exc:
             await self._died(exc)
             raise

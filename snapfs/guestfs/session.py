@@ -109,6 +109,7 @@ class LaunchState:
     mounted: dict[str, str | None] = field(default_factory=dict)  # mount dir → error or None
     aliases: dict[bytes, str] = field(default_factory=dict)  # appliance path → alias path
     scratch_ready: bool = False
+    walker_ready: bool = False  # snapfs-walk uploaded (walker.py)
 
 
 def _kvm_usable() -> bool:
@@ -210,14 +211,20 @@ class GuestSession:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[Any, LaunchState], T]) -> T:
-        """Run ``fn(g, state)`` in a worker thread, launching the appliance first if needed."""
+    async def call(self, fn: Callable[[Any, LaunchState], T], *, launch: bool = True) -> T:
+        """Run ``fn(g, state)`` in a worker thread, launching the appliance first if needed.
+
+        ``launch=False`` (background work, which must not keep an idle snapshot's appliance
+        alive or bring it back): BackendUnavailable if the appliance is not running.
+        """
         if self._closed:
             raise BackendUnavailable(f"guestfs session {self.name} is closed")
         self.busy += 1
         try:
             async with self._lock:
                 if self._g is None:
+                    if not launch:
+                        raise BackendUnavailable(f"guestfs {self.name}: appliance not running")
                     await self._launch_locked()
                 g, state = self._g, self._state
                 assert state is not None

@@ -34,6 +34,7 @@ import trio
 from snapfs.errors import GuestfsError, IsADirectory, NotADirectory, NotFound, SnapfsError
 
 from . import extents as ext_mod
+from . import walker
 from .model import DirEntry, Extent, GuestStat, ReadRaw, View, Volume, derive_ino
 from .session import GuestSession, LaunchState
 from .shell import (
@@ -66,6 +67,8 @@ class _Dir:
     xattrs: dict[bytes, dict[bytes, bytes]]
     # guest inode → extents (None: read through the appliance); None until fetched
     extents: dict[int, list[Extent] | None] | None = None
+    # False when the listing came without xattrs (the walker's first pass): fetched later
+    xattrs_known: bool = True
 
 
 @dataclass
@@ -103,13 +106,20 @@ class GuestTree:
         self._devmap_failed: dict[int, float] = {}  # volume → when mapping it last failed
         # Volumes whose whole tree is being (or was) fetched in the background.
         self._tree_prefetch: dict[int, trio.Event] = {}
+        self._xattr_prefetch: dict[int, trio.Event] = {}  # the walker's second pass
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
         # the subtrees fetched completely, and those tried (fetched at most once).
         self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
         self._subtree_done: dict[int, set[bytes]] = {}
         self._subtree_tried: dict[int, set[bytes]] = {}
         self._chunks: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
-        self.stats = {"mapped_reads": 0, "appliance_reads": 0, "dir_fetches": 0}
+        self.stats = {
+            "mapped_reads": 0,
+            "appliance_reads": 0,
+            "dir_fetches": 0,
+            "walker_passes": 0,  # whole-volume listings by the walker (not the shell)
+            "xattr_passes": 0,
+        }
 
     # -- discovery -----------------------------------------------------------------------------
 
@@ -348,11 +358,31 @@ class GuestTree:
             done.set()
 
     async def _prefetch_tree(self, vol: Volume) -> None:
-        """Fill the listing cache for every directory of ``vol`` from one appliance script."""
+        """Fill the listing cache for every directory of ``vol`` from one appliance call."""
         started = time.monotonic()
+        binary = await trio.to_thread.run_sync(walker.walker_binary)
+        with_extents = self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES
 
-        def fetch(g: Any, state: LaunchState) -> bytes | None:
+        def fetch(g: Any, state: LaunchState) -> tuple[str, bytes] | None:
             mp = self._mount_sync(g, state, vol)
+            if binary is not None:
+                try:
+                    walker.install(g, state, binary)
+                    what = walker.WANT_EXTENTS if with_extents else 0
+                    script = walker.walk_script(b"/sysroot" + mp.encode(), TREE_BATCH, what)
+                    status, out = run_script(g, state, script)
+                except RuntimeError as exc:
+                    status, out = -1, str(exc).encode()
+                if status == 0:
+                    return "walk", out
+                if status == 4:
+                    return None
+                log.warning(
+                    "guestfs %s: the walker failed on %s (%s): using the shell listing",
+                    self.session.name,
+                    vol.name,
+                    out[-300:].decode(errors="replace") if status == -1 else script_error(g),
+                )
             script = "\n".join(
                 [
                     sh_bytes("D", b"/sysroot" + mp.encode()),
@@ -370,20 +400,20 @@ class GuestTree:
             )
             # The extent maps of the same files in the same script (a traversal and its
             # process starts saved); only for filesystems whose extents are disk offsets.
-            if self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES:
+            if with_extents:
                 script += "\n" + ext_mod.filefrag_subtree_script(b".", TREE_BATCH)
             script += "\ntrue"
             status, out = run_script(g, state, script)
-            return out if status == 0 else None
+            return ("shell", out) if status == 0 else None
 
         try:
-            out = await self.session.call(fetch)
+            result = await self.session.call(fetch, launch=False)
         except SnapfsError as exc:
             log.info(
                 "guestfs %s: no tree prefetch of %s: %s", self.session.name, vol.name, exc.message
             )
             return
-        if out is None:
+        if result is None:
             log.info(
                 "guestfs %s: %s has over %d entries: listed a directory at a time",
                 self.session.name,
@@ -391,8 +421,12 @@ class GuestTree:
                 TREE_BATCH,
             )
             return
+        kind, out = result
         try:
-            listings = self._parse_tree(vol, out)
+            if kind == "walk":
+                listings = self._apply_walk(vol, walker.parse_walk(out), with_extents)
+            else:
+                listings = self._parse_tree(vol, out)
         except ValueError as exc:
             log.warning(
                 "guestfs %s: tree prefetch of %s unusable: %s", self.session.name, vol.name, exc
@@ -400,13 +434,99 @@ class GuestTree:
             return
         for vpath, listing in listings.items():
             self._dirs.setdefault((vol.index, vpath), listing)
+        if kind == "walk":
+            self.stats["walker_passes"] += 1
         log.info(
-            "guestfs %s: listed %d directories of %s in one pass (%.1f s)",
+            "guestfs %s: listed %d directories of %s in one pass (%.1f s, %s)",
             self.session.name,
             len(listings),
             vol.name,
             time.monotonic() - started,
+            "walker" if kind == "walk" else "shell",
         )
+        if with_extents:
+            # The device map too, while the appliance is up: mapped reads then need no
+            # appliance, even after it was shut down for idleness.
+            await self._devmap(vol, launch=False)
+        if kind == "walk":
+            # Extended attributes in a second pass: they double the walk's cost under TCG
+            # and most readers (rsync -a, cp, find) never ask for them.
+            done = self._xattr_prefetch[vol.index] = trio.Event()
+            trio.lowlevel.spawn_system_task(self._prefetch_xattrs, vol, listings, done)
+
+    def _apply_walk(
+        self, vol: Volume, entries: list[walker.WalkEntry], with_extents: bool
+    ) -> dict[bytes, _Dir]:
+        """Listings (without xattrs) and extent maps from the walker's first pass."""
+        if not entries or entries[0].path != b".":
+            raise ValueError("the walk does not start at its root")
+        listings: dict[bytes, _Dir] = {b"/": _Dir({}, {}, {}, xattrs_known=False)}
+        extents: dict[int, tuple[int, list[Extent] | None]] = {}
+        for entry in entries[1:]:
+            parent, name = _walk_split(entry.path)
+            st = self._stat(vol, entry.fields)
+            listing = listings.get(parent)
+            if listing is None:
+                listing = listings[parent] = _Dir({}, {}, {}, xattrs_known=False)
+            listing.entries[name] = st
+            if st.is_dir:
+                sub = (parent if parent != b"/" else b"") + b"/" + name
+                listings.setdefault(sub, _Dir({}, {}, {}, xattrs_known=False))
+            elif entry.link is not None:
+                listing.links[name] = entry.link
+            if entry.mapped:
+                extents[st.guest_ino] = (st.size, entry.extents)
+        if with_extents:
+            self._subtree_extents.setdefault(vol.index, {}).update(extents)
+            self._subtree_tried.setdefault(vol.index, set()).add(b"/")
+            self._subtree_done.setdefault(vol.index, set()).add(b"/")
+        return listings
+
+    async def _prefetch_xattrs(
+        self, vol: Volume, listings: dict[bytes, _Dir], done: trio.Event
+    ) -> None:
+        """The walker's second pass: every entry's extended attributes, into ``listings``."""
+        started = time.monotonic()
+        try:
+
+            def fetch(g: Any, state: LaunchState) -> bytes | None:
+                mp = self._mount_sync(g, state, vol)
+                script = walker.walk_script(
+                    b"/sysroot" + mp.encode(), TREE_BATCH, walker.WANT_XATTRS
+                )
+                status, out = run_script(g, state, script)
+                return out if status == 0 else None
+
+            # Not worth a relaunch: xattrs asked for later are fetched a directory at a time.
+            out = await self.session.call(fetch, launch=False)
+            if out is None:
+                log.info("guestfs %s: no xattr pass over %s", self.session.name, vol.name)
+                return
+            found = 0
+            for entry in walker.parse_walk(out)[1:]:
+                parent, name = _walk_split(entry.path)
+                listing = listings.get(parent)
+                if listing is None or listing.xattrs_known:
+                    continue
+                if entry.xattrs:
+                    listing.xattrs[name] = entry.xattrs
+                    found += 1
+            for listing in listings.values():
+                listing.xattrs_known = True
+            self.stats["xattr_passes"] += 1
+            log.info(
+                "guestfs %s: extended attributes of %s in one pass: %d entries have some (%.1f s)",
+                self.session.name,
+                vol.name,
+                found,
+                time.monotonic() - started,
+            )
+        except (SnapfsError, ValueError) as exc:
+            log.info("guestfs %s: no xattr pass over %s: %s", self.session.name, vol.name, exc)
+        except Exception:  # a background helper must never take the mount down
+            log.exception("guestfs %s: xattr pass over %s failed", self.session.name, vol.name)
+        finally:
+            done.set()
 
     def _parse_tree(self, vol: Volume, out: bytes) -> dict[bytes, _Dir]:
         # Sections are separated by NUL NUL <letter> NUL NUL: every record in them is a
@@ -473,19 +593,7 @@ class GuestTree:
         if link_names:
             targets = g.readlinklist(apath, link_names)
             links = {n.encode(): t.encode() for n, t in zip(link_names, targets, strict=True)}
-        xattrs: dict[bytes, dict[bytes, bytes]] = {}
-        flat = g.lxattrlist(apath, names)
-        # lxattrlist: per name a marker {attrname: "", attrval: "<count>\0"}, then its attrs.
-        i = 0
-        for n in names:
-            count = int(bytes(flat[i]["attrval"]).rstrip(b"\0") or b"0")
-            attrs = {
-                x["attrname"].encode(): bytes(x["attrval"]) for x in flat[i + 1 : i + 1 + count]
-            }
-            if attrs:
-                xattrs[n.encode()] = attrs
-            i += 1 + count
-        return _Dir(entries, links, xattrs)
+        return _Dir(entries, links, _xattrs_api(g, apath, names))
 
     def _list_shell(self, g: Any, state: LaunchState, vol: Volume, apath: bytes) -> _Dir:
         script = "\n".join(
@@ -580,7 +688,43 @@ class GuestTree:
         listing = await self._dir(vol, parent)
         if name not in listing.entries:
             raise NotFound(f"{view.name}:{path!r}: no such file")
+        if not listing.xattrs_known:
+            pending = self._xattr_prefetch.get(vol.index)
+            if pending is not None and not pending.is_set():
+                await pending.wait()  # the whole volume's xattrs are on their way
+            if not listing.xattrs_known:
+                listing.xattrs = await self._fetch_dir_xattrs(vol, parent, listing)
+                listing.xattrs_known = True
         return listing.xattrs.get(name, {})
+
+    async def _fetch_dir_xattrs(
+        self, vol: Volume, vpath: bytes, listing: _Dir
+    ) -> dict[bytes, dict[bytes, bytes]]:
+        """Extended attributes of every entry of one directory (one appliance call)."""
+        names = list(listing.entries)
+
+        def fetch(g: Any, state: LaunchState) -> dict[bytes, dict[bytes, bytes]]:
+            mp = self._mount_sync(g, state, vol)
+            apath = mp.encode() + (b"" if vpath == b"/" else vpath)
+            try:
+                return _xattrs_api(g, apath.decode(), [n.decode() for n in names])
+            except UnicodeError:
+                pass  # a name the binding cannot carry: the shell can
+            script = "\n".join(
+                [
+                    sh_bytes("D", b"/sysroot" + apath),
+                    'cd -- "$D" || exit 3',
+                    "find . -mindepth 1 -maxdepth 1 -exec getfattr -h -d -m - -e hex {} + "
+                    "2>/dev/null",
+                    "true",
+                ]
+            )
+            status, out = run_script(g, state, script)
+            if status != 0:
+                raise GuestfsError(f"xattrs of {apath!r}: {script_error(g)}", errno=errno.EIO)
+            return parse_getfattr(out)
+
+        return await self.session.call(fetch)
 
     async def listxattr(self, view: View, path: bytes) -> list[bytes]:
         return list(await self._xattrs(view, path))
@@ -620,18 +764,7 @@ class GuestTree:
         extents = await self._extents_of(vol, parent, st)
         if extents is None:
             return None
-        if vol.index not in self._devmaps:
-            failed_at = self._devmap_failed.get(vol.index)
-            if failed_at is not None and time.monotonic() - failed_at < _DEVMAP_RETRY_S:
-                return None
-            devmap = await self._fetch_devmap(vol)
-            if devmap is None:
-                # Seen intermittently (cause not yet known): try again later rather than
-                # losing the fast path for the whole mount.
-                self._devmap_failed[vol.index] = time.monotonic()
-                return None
-            self._devmaps[vol.index] = devmap
-        devmap = self._devmaps[vol.index]
+        devmap = await self._devmap(vol)
         if devmap is None:
             return None
         plan = ext_mod.plan_read(extents, devmap, st.size, offset, size)
@@ -729,15 +862,33 @@ class GuestTree:
             result[ino] = extents if sizes.get(ino) == size else None
         return result
 
-    async def _fetch_devmap(self, vol: Volume) -> ext_mod.DeviceMap | None:
+    async def _devmap(self, vol: Volume, *, launch: bool = True) -> ext_mod.DeviceMap | None:
+        """Where ``vol``'s bytes are on the disks (cached; a failure is retried later)."""
+        if vol.index in self._devmaps:
+            return self._devmaps[vol.index]
+        failed_at = self._devmap_failed.get(vol.index)
+        if failed_at is not None and time.monotonic() - failed_at < _DEVMAP_RETRY_S:
+            return None
+        devmap = await self._fetch_devmap(vol, launch=launch)
+        if devmap is None:
+            # Try again later rather than losing the fast path for the whole mount.
+            self._devmap_failed[vol.index] = time.monotonic()
+            return None
+        self._devmaps[vol.index] = devmap
+        return devmap
+
+    async def _fetch_devmap(self, vol: Volume, *, launch: bool) -> ext_mod.DeviceMap | None:
         disc = await self._discover()
         disk_index = {d.rsplit("/", 1)[-1]: i for i, d in enumerate(disc.devices)}
 
         def fetch(g: Any, state: LaunchState) -> bytes:
+            # Mounted first: the script's output is fetched with path calls, which the
+            # daemon refuses while nothing is mounted (a fresh launch).
+            self._mount_sync(g, state, vol)
             return run_script(g, state, ext_mod.devmap_script(vol.device))[1]
 
         try:
-            out = await self.session.call(fetch)
+            out = await self.session.call(fetch, launch=launch)
         except SnapfsError as exc:
             log.warning(
                 "guestfs %s: no device map for %s: %s", self.session.name, vol.name, exc.message
@@ -833,6 +984,30 @@ def _parse_subtree_extents(out: bytes) -> tuple[bool, dict[int, tuple[int, list[
     if not found and out.count(b"File size of"):
         complete = False
     return complete, found
+
+
+def _xattrs_api(g: Any, apath: str, names: list[str]) -> dict[bytes, dict[bytes, bytes]]:
+    """{name: {attr: value}} of the entries ``names`` of directory ``apath`` (lxattrlist)."""
+    xattrs: dict[bytes, dict[bytes, bytes]] = {}
+    if not names:
+        return xattrs
+    flat = g.lxattrlist(apath, names)
+    # lxattrlist: per name a marker {attrname: "", attrval: "<count>\0"}, then its attrs.
+    i = 0
+    for n in names:
+        count = int(bytes(flat[i]["attrval"]).rstrip(b"\0") or b"0")
+        attrs = {x["attrname"].encode(): bytes(x["attrval"]) for x in flat[i + 1 : i + 1 + count]}
+        if attrs:
+            xattrs[n.encode()] = attrs
+        i += 1 + count
+    return xattrs
+
+
+def _walk_split(path: bytes) -> tuple[bytes, bytes]:
+    """A walker path (``./a/b``) as (parent directory ``/a``, name ``b``)."""
+    rel = path[2:] if path.startswith(b"./") else path
+    head, _, name = rel.rpartition(b"/")
+    return b"/" + head, name
 
 
 def _covered(path: bytes, tops: set[bytes]) -> bool:

@@ -103,6 +103,9 @@ async def _walk(tree: GuestTree, view_name: str, src: Path) -> None:
 async def test_ext4_tree_matches_source(tree: GuestTree, images: dict[str, Path]) -> None:
     await _walk(tree, "vda1", images["tree"])
     assert tree.stats["mapped_reads"] > 0
+    # The whole volume was listed by the walker (walk.c), its xattrs in the second pass.
+    assert tree.stats["walker_passes"] >= 1
+    assert tree.stats["xattr_passes"] >= 1
 
 
 async def test_ext4_through_appliance_only(slow_tree: GuestTree, images: dict[str, Path]) -> None:

@@ -142,7 +142,7 @@ async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
         mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=1))
         export = mgr.export_for(image, "qcow2")
         await export.acquire()
-        conn = export._pick()  # noqa: SLF001 - the one connection under test
+        conn = export._pick()  # the one connection under test
         buf = bytearray(3 * MiB + 4096)
         view = memoryview(buf)
         # Pipelined pieces of uneven sizes, in one call.
@@ -158,7 +158,7 @@ async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
             assert scope.cancelled_caught or conn.in_flight == 0
             got: dict[int, bytes] = {}
 
-            async def reader(off: int) -> None:
+            async def reader(off: int, got: dict[int, bytes] = got) -> None:
                 b = bytearray(65536)
                 await conn.pread_into(memoryview(b), off)
                 got[off] = bytes(b)
