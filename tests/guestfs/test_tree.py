@@ -55,6 +55,32 @@ async def test_volumes_and_no_os(tree: GuestTree) -> None:
         await tree.volume_view("nope")
 
 
+async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None:
+    """One blkid run stands in for list_filesystems on plain layouts, with the same answer;
+    LVM and btrfs send discovery to list_filesystems."""
+
+    def compare(g, _state):  # type: ignore[no-untyped-def]
+        devices = list(g.list_devices())
+        full = g.list_filesystems()
+        by_disk = {}
+        for dev in devices:
+            by_disk[dev] = (
+                tree._simple_filesystems(g, [dev]),
+                {k: v for k, v in full.items() if k.rstrip("0123456789") == dev},
+                g.debug("sh", [f"blkid -c /dev/null -o export -s TYPE -s PTTYPE {dev}*; true"]),
+            )
+        return tree._simple_filesystems(g, devices), by_disk
+
+    everything, by_disk = await tree.session.call(compare)
+    assert everything is None  # this snapshot has btrfs and LVM
+    simple = [dev for dev, (fast, _, _) in by_disk.items() if fast is not None]
+    assert simple, by_disk  # the partitioned disk (ext4, xfs, vfat) qualifies
+    for dev, (fast, full, raw) in by_disk.items():
+        if fast is not None:
+            assert fast == full, (dev, raw)
+            assert {"ext4", "xfs", "vfat"} <= set(fast.values()) or fast
+
+
 async def _walk(tree: GuestTree, view_name: str, src: Path) -> None:
     """Every entry of the guest view equals the source tree: names, metadata, data."""
     view = await tree.volume_view(view_name)
