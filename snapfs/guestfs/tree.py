@@ -638,15 +638,18 @@ class GuestTree:
         return _Dir(entries, links, _xattrs_api(g, apath, names))
 
     def _list_shell(self, g: Any, state: LaunchState, vol: Volume, apath: bytes) -> _Dir:
+        # Sections are separated by NUL NUL <letter> NUL NUL, as in the whole-volume script:
+        # every record is a non-empty NUL-terminated field, so two NULs in a row occur only
+        # at a separator (a file named "L" cannot forge one).
         script = "\n".join(
             [
                 sh_bytes("D", b"/sysroot" + apath),
                 'cd -- "$D" || exit 3',
-                "printf '/S\\0'",
+                "printf '\\0\\0S\\0\\0'",
                 f"find . -mindepth 1 -maxdepth 1 -exec stat --printf '{STAT_FORMAT}' {{}} +",
-                "printf '/L\\0'",
+                "printf '\\0\\0L\\0\\0'",
                 "find . -mindepth 1 -maxdepth 1 -type l -printf '%f\\0%l\\0'",
-                "printf '/X\\0'",
+                "printf '\\0\\0X\\0\\0'",
                 "find . -mindepth 1 -maxdepth 1 -exec getfattr -h -d -m - -e hex {} + 2>/dev/null",
                 "true",
             ]
@@ -654,14 +657,17 @@ class GuestTree:
         status, out = run_script(g, state, script)
         if status != 0:
             raise GuestfsError(f"listing {apath!r}: {script_error(g)}", errno=errno.EIO)
-        stat_part, _, rest = out.partition(b"/L\0")
-        link_part, _, xattr_part = rest.partition(b"/X\0")
+        head, sep0, rest = out.partition(b"\0\0S\0\0")
+        stat_part, sep1, rest = rest.partition(b"\0\0L\0\0")
+        link_part, sep2, xattr_part = rest.partition(b"\0\0X\0\0")
+        if head or not (sep0 and sep1 and sep2):
+            raise GuestfsError(f"listing {apath!r}: unexpected script output", errno=errno.EIO)
         entries: dict[bytes, GuestStat] = {}
-        for record in stat_part.removeprefix(b"/S\0").split(b"\0"):
+        for record in stat_part.split(b"\0"):
             if record:
                 name, fields = parse_stat_record(record)
                 entries[name.removeprefix(b"./")] = self._stat(vol, fields)
-        parts = link_part.split(b"\0")
+        parts = [p for p in link_part.split(b"\0") if p]
         links = {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
         return _Dir(entries, links, parse_getfattr(xattr_part))
 

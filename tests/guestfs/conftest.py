@@ -44,6 +44,9 @@ def _make_tree(root: Path) -> None:
         f.write(b"newline name\n")
     with open(b + b"/" + b"L" * 255, "wb") as f:
         f.write(b"long name\n")
+    # Names equal to the listing script's section letters (tree.py, _list_shell).
+    (root / "L").write_bytes(b"an L\n")
+    (root / "X").write_bytes(b"an X\n")
     os.mkdir(b + b"/odd\xfcdir")
     with open(b + b"/odd\xfcdir/inner", "wb") as f:
         f.write(b"x" * 70000)
