@@ -379,6 +379,7 @@ class GuestTree:
                     self._dir_locks.pop(key, None)
                     return cached
             listing = await self.session.call(lambda g, s: self._list_sync(g, s, vol, vpath))
+            _drop_subvolumes(vol, listing)
             self.stats["dir_fetches"] += 1
             self._dirs[key] = listing
             self._dir_locks.pop(key, None)
@@ -475,6 +476,7 @@ class GuestTree:
             )
             return
         for vpath, listing in listings.items():
+            _drop_subvolumes(vol, listing)
             self._dirs.setdefault((vol.index, vpath), listing)
         if kind == "walk":
             self.stats["walker_passes"] += 1
@@ -1032,6 +1034,28 @@ def _parse_subtree_extents(out: bytes) -> tuple[bool, dict[int, tuple[int, list[
     if not found and out.count(b"File size of"):
         complete = False
     return complete, found
+
+
+# The root directory of every btrfs subvolume has inode number 256 (BTRFS_FIRST_FREE_OBJECTID);
+# no other inode has it.
+_BTRFS_SUBVOL_ROOT_INO = 256
+
+
+def _drop_subvolumes(vol: Volume, listing: _Dir) -> None:
+    """Leave nested btrfs subvolumes out of a listing, as the walker (FTW_MOUNT) does.
+
+    A subvolume has inode numbers of its own (its root is 256, its files from 257 up, as in
+    every other subvolume): shown inside the top-level volume, its files would collide with
+    other subvolumes' in one view (false hard links, another file's data). Each subvolume
+    is a volume of its own (``vdb@name``).
+    """
+    if vol.fstype != "btrfs":
+        return
+    for name, st in list(listing.entries.items()):
+        if st.is_dir and st.guest_ino == _BTRFS_SUBVOL_ROOT_INO:
+            del listing.entries[name]
+            listing.links.pop(name, None)
+            listing.xattrs.pop(name, None)
 
 
 def _xattrs_api(g: Any, apath: str, names: list[str]) -> dict[bytes, dict[bytes, bytes]]:
