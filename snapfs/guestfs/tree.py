@@ -715,6 +715,15 @@ class GuestTree:
                 except SnapfsError as exc:
                     log.warning("%s: %s", child, exc.message)
             result.append(DirEntry(name, st))
+        # A mountpoint that the listing lacks (a nested btrfs subvolume is left out of it).
+        here = b"/" + b"/".join(p for p in path.split(b"/") if p)
+        for mountpoint, mounted in view.mounts:
+            parent, name = _split(mountpoint)
+            if mountpoint != b"/" and parent == here and name not in listing.entries:
+                try:
+                    result.append(DirEntry(name, (await self._root(mounted))[0]))
+                except SnapfsError as exc:
+                    log.warning("%s: %s", mountpoint, exc.message)
         return result
 
     async def readlink(self, view: View, path: bytes) -> bytes:

@@ -208,3 +208,32 @@ async def test_ntfs(os_tree: GuestTree, os_images: Images) -> None:
     assert got == big[pos : pos + 3 * 131072]
     assert os_tree.stats["mapped_reads"] == before["mapped_reads"]  # no fast path for ntfs
     assert os_tree.stats["appliance_reads"] > before["appliance_reads"]
+
+
+async def test_nested_subvolume_mountpoint_is_listed(os_tree: GuestTree) -> None:
+    """A guest whose root is the btrfs top level and whose fstab mounts nested subvolumes
+    (``subvol=data``): files/ lists their mountpoints, which the top-level listing leaves out.
+    The view is the one files_view() composes from such inspection mountpoints."""
+    vols = {v.name: v for v in await os_tree.volumes()}
+    view = View(
+        "files",
+        (
+            (b"/vols/inner", vols["vdb@vols_inner"]),
+            (b"/data", vols["vdb@data"]),
+            (b"/", vols["vdb"]),
+        ),
+    )
+    top = {e.name: e.stat for e in await os_tree.listdir(view, b"/")}
+    assert set(top) == {b"top.txt", b"vols", b"data"}
+    data_root = await os_tree.getattr(await os_tree.volume_view("vdb@data"), b"/")
+    assert top[b"data"] == await os_tree.getattr(view, b"/data") == data_root
+    assert {e.name for e in await os_tree.listdir(view, b"/data/")} == {
+        b"d.txt",
+        b"sub",
+        b"big.bin",
+    }
+    assert [e.name for e in await os_tree.listdir(view, b"//vols/")] == [b"inner"]
+    assert await os_tree.read(view, b"/vols/inner/i.txt", 0, 100) == b"inner subvolume\n"
+    assert await os_tree.read(view, b"/data/sub/deeper.txt", 0, 100) == b"deeper\n"
+    inodes = [e.stat.ino for e in await os_tree.listdir(view, b"/")]
+    assert len(set(inodes)) == len(inodes)
