@@ -3,7 +3,9 @@
 Groups of cases; ``--only GROUP`` picks some. Implemented: ``disk`` (a disk image read as a
 file: snapfs vs nbdfuse vs nbdcopy on one qemu-nbd) and ``guest`` (a guest ext4 tree through
 snapfs's ``files/`` vs ``guestmount --ro``: first ls, find, rsync -a, cat; cold host caches,
-fresh mounts). Planned, not implemented yet: ``write`` (writable restore disks vs nbdfuse).
+fresh mounts) and ``write`` (restore disks: ``dd`` into ``restore/<name>/disk.img`` vs nbdfuse
+on a writable qemu-nbd, ``rsync -a`` of the guest tree into ``restore/<name>/files/`` vs
+``guestmount --rw``; every written image is checked against its source afterwards).
 
 Method of the disk group (docs/benchmarks.md): every timed case is the median of ``--runs``
 runs; the image file is kept in the host page cache ("warm") and the FUSE file's pages are
@@ -104,6 +106,7 @@ class Bench:
         self.rows: list[Row] = []
         self.info: dict[str, Any] = {}
         self._disk: DiskFixture | None = None
+        self._write: WriteFixture | None = None
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -121,6 +124,12 @@ class Bench:
             self.info["disk_image"] = asdict(image) | {"qcow2": str(image.qcow2)}
             self.info["read_ahead_kb"] = self._disk.read_ahead
         return self._disk
+
+    def write(self) -> WriteFixture:
+        if self._write is None:
+            self._write = WriteFixture(self)
+            self.info["write_repo"] = asdict(self._write.w)
+        return self._write
 
 
 # -- small helpers -------------------------------------------------------------------------
@@ -453,9 +462,7 @@ class DiskFixture:
 CaseFn = Callable[[Bench], None]
 Tool = tuple[Path, Callable[[Path], float]]  # the file it reads (evicted first) and the work
 GROUPS: dict[str, list[CaseFn]] = {"disk": []}
-PLANNED = {
-    "write": "writable restore disks vs nbdfuse",
-}
+PLANNED: dict[str, str] = {}  # group name -> what it will measure (none at the moment)
 
 
 def case(group: str) -> Callable[[CaseFn], CaseFn]:
@@ -985,6 +992,513 @@ def guest_all(bench: Bench) -> None:
         raise RuntimeError("guest group: a correctness check failed (see above)")
 
 
+# -- the write group: restore disks written through snapfs vs nbdfuse / guestmount ------------
+WRITE_FORMAT_VERSION = 1
+WRITE_VM = "benchw"
+# The qemu-nbd options snapfs gives a writable restore disk (snapfs/nbd/server.py with
+# ServerSpec(readonly=False, discard=True), as snapfs/nbd/export.py makes it for disk.img).
+RESTORE_QEMU_NBD = ["qemu-nbd", "--persistent", "--shared=16", "--format=qcow2",
+                    "--cache=writeback", "--aio=threads", "--allocation-depth",
+                    "--discard=unmap", "--detect-zeroes=unmap"]  # fmt: skip
+APPLIANCE_MEMSIZE_MB = 768  # snapfs's [guestfs] memsize_mb default, also given to guestmount
+
+
+def write_layout(quick: bool) -> dict[str, int]:
+    """dd: the bytes written (and the empty restore disk's size); fs: the ext4 disk's size."""
+    return {"dd": 256 * MiB if quick else GiB, "fs_disk": GiB}
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of ``pid`` (0 if gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int | None) -> list[int]:
+    """Every live descendant of ``pid`` (qemu-nbd, the appliance's qemu, ...)."""
+    if pid is None:
+        return []
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                kids = [int(c) for c in children.read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+class CpuMeter:
+    """CPU seconds a process and its descendants (by command name) spend during a step."""
+
+    def __init__(self, pid: int | None, extra_pids: Sequence[int] = ()) -> None:
+        self.pids = [p for p in (pid, *extra_pids, *descendants(pid)) if p is not None]
+        self.before = {p: cpu_seconds(p) for p in self.pids}
+
+    def stop(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in self.pids:
+            try:
+                name = Path(f"/proc/{p}/comm").read_text().strip()
+            except OSError:
+                continue  # exited: its time is lost, say nothing rather than something wrong
+            out[name] = round(out.get(name, 0.0) + cpu_seconds(p) - self.before[p], 2)
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def kill_appliances_of(image: Path) -> None:
+    """Stop any qemu still using ``image`` (one of the bench's own restore images): an
+    appliance orphaned when guestmount was interrupted during its launch."""
+    needle = f"file={image},".encode()
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if needle in (proc_dir / "cmdline").read_bytes():
+                pid = int(proc_dir.name)
+                console.log(f"[yellow]stopping qemu pid {pid}, left running on {image}[/]")
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def snapfs_unmount_wait(mnt: Path, pid: int | None, log_dir: Path,
+                        timeout: float = 900.0) -> float:  # fmt: skip
+    """``snapfs umount`` (waits up to 60 s for the daemon), then wait on for the daemon and
+    its children (qemu-nbd, the appliance) to be gone; seconds taken. A daemon still there
+    after 30 s gets one ``py-spy dump`` into ``log_dir`` (where is it stuck?)."""
+    children = descendants(pid)
+    start = time.perf_counter()
+    if is_mounted(mnt):
+        umount = subprocess.run([*SNAPFS, "umount", str(mnt)], check=False)
+        if umount.returncode and is_mounted(mnt):
+            fuse_unmount(mnt)
+    dumped = False
+    while any(_alive(p) for p in ([pid] if pid else []) + children):
+        waited = time.perf_counter() - start
+        if not dumped and pid is not None and _alive(pid) and waited > 30:
+            dumped = True
+            out = log_dir / f"snapfs-write-slow-exit-{pid}.txt"
+            with open(out, "w") as f:
+                pyspy = str(ROOT / ".venv" / "bin" / "py-spy")
+                subprocess.run([pyspy, "dump", "--pid", str(pid)], stdout=f,
+                               stderr=subprocess.STDOUT, check=False)  # fmt: skip
+            console.log(f"[yellow]snapfs daemon {pid} still running {waited:.0f} s after the "
+                        f"unmount; py-spy dump in {out}[/]")  # fmt: skip
+        if waited > timeout:
+            raise RuntimeError(f"snapfs daemon {pid} did not exit in {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+@dataclass
+class WriteRepo:
+    """A repository with one snapshot: a GPT disk with one empty ext4 partition (the target
+    of the file-level restore); plus a random source file for the disk writes."""
+
+    repo: Path
+    fs_disk: int
+    part_offset: int
+    part_size: int
+    source: Path  # random bytes, dd's input
+    source_size: int
+
+
+def build_write_repo(opts: Options) -> WriteRepo:
+    lay = write_layout(opts.quick)
+    base = opts.workdir / "write"
+    params = {"version": WRITE_FORMAT_VERSION, "fs_disk": lay["fs_disk"]}
+    marker = base / "repo.json"
+    repo = base / "repo"
+    part_offset, part_size = MiB, lay["fs_disk"] - 2 * MiB
+    source = base / f"source-{lay['dd'] // MiB}M.bin"
+    cached = False
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(marker.read_text())["params"] == params and repo.is_dir()
+    if not cached:
+        console.log(f"building the write repository (empty ext4 on a {lay['fs_disk'] // MiB} "
+                    f"MiB disk) in {base}")  # fmt: skip
+        shutil.rmtree(repo, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        base.mkdir(parents=True, exist_ok=True)
+        part = base / "part.img"
+        with open(part, "wb") as f:
+            f.truncate(part_size)
+        # Inode tables and journal written now, so no ext4lazyinit runs in either appliance.
+        run(["mkfs.ext4", "-q", "-F", "-L", "restore", "-E",
+             "lazy_itable_init=0,lazy_journal_init=0", str(part)])  # fmt: skip
+        raw = base / "disk.raw"
+        with open(raw, "wb") as f:
+            f.truncate(lay["fs_disk"])
+        run(["sfdisk", "--quiet", str(raw)],
+            input=f"label: gpt\nstart=2048, size={part_size // 512}, type=linux\n")  # fmt: skip
+        run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=sparse,notrunc",
+             "status=none"])  # fmt: skip
+        part.unlink()
+        run([*SNAPFS, "repo", "init", str(repo)], capture_output=True)
+        run([*SNAPFS, "repo", "add-snapshot", str(repo), "--vm", WRITE_VM, "--name", "empty-ext4",
+             "--disk", f"vda={raw}", "--source-format", "raw", "--format", "qcow2"],
+            capture_output=True)  # fmt: skip
+        raw.unlink()
+        marker.write_text(json.dumps({"params": params}))
+    if not source.is_file() or source.stat().st_size != lay["dd"]:
+        console.log(f"writing {lay['dd'] // MiB} MiB of random data to {source}")
+        with open(source, "wb") as f:
+            for _ in range(0, lay["dd"], 16 * MiB):
+                f.write(os.urandom(16 * MiB))
+    # Restore disks left by an interrupted run (the bench owns this repository).
+    restore_dir = repo / "restore"
+    if restore_dir.is_dir():
+        for child in restore_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+    return WriteRepo(repo, lay["fs_disk"], part_offset, part_size, source, lay["dd"])
+
+
+class WriteFixture:
+    """The write repository, restore disks made per run, and the mounts of each tool."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.w = build_write_repo(bench.opts)
+        self.tmp = Path(tempfile.mkdtemp(prefix="snapfs-bench-write-"))
+        bench.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.config = self.tmp / "snapfs.toml"
+        backend = bench.opts.guest_backend
+        self.config.write_text(
+            "[nbd]\nidle_timeout = 86400\n"
+            f'[guestfs]\nbackend = "{backend}"\nidle_timeout_s = 86400\n'
+            f"memsize_mb = {APPLIANCE_MEMSIZE_MB}\n"
+        )
+        self.env = dict(os.environ, LIBGUESTFS_MEMSIZE=str(APPLIANCE_MEMSIZE_MB))
+        if backend == "tcg":
+            self.env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+        self.log = bench.opts.workdir / "snapfs-write-mount.log"
+        self._n = 0
+
+    def restore_disk(self, scope: contextlib.ExitStack, name: str, *from_snapshot: str) -> Path:
+        """A new restore disk (empty of the dd size, or copy-on-write on the ext4 snapshot);
+        removed when ``scope`` closes. Returns its qcow2."""
+        what = list(from_snapshot) or ["--size", str(self.w.source_size)]
+        run([*SNAPFS, "restore", "create", str(self.w.repo), "--name", name, *what],
+            capture_output=True)  # fmt: skip
+        scope.callback(subprocess.run, [*SNAPFS, "restore", "rm", str(self.w.repo), name,
+                                        "--force"], capture_output=True)  # fmt: skip
+        return self.w.repo / "restore" / name / "disk.qcow2"
+
+    def mountpoint(self, tool: str) -> Path:
+        self._n += 1
+        mnt = self.tmp / f"{tool}-{self._n}"
+        mnt.mkdir()
+        return mnt
+
+    def mount_snapfs(self, scope: contextlib.ExitStack) -> tuple[Path, int | None]:
+        mnt = self.mountpoint("snapfs")
+        cmd = [*SNAPFS, "mount", "--config", str(self.config), "--log", str(self.log)]
+        if self.bench.opts.guest_debug:
+            cmd.append("--debug")
+        scope.callback(GuestFixture._snapfs_umount, mnt)
+        run([*cmd, str(self.w.repo), str(mnt)])
+        return mnt, daemon_pid(mnt)
+
+    def qemu_nbd(self, scope: contextlib.ExitStack, qcow2: Path) -> tuple[Path, int]:
+        """A writable qemu-nbd on ``qcow2`` with snapfs's restore-disk options; stopped (and
+        so flushed) when ``scope`` closes."""
+        self._n += 1
+        sock = self.tmp / f"nbd-{self._n}.sock"
+        log = scope.enter_context((self.tmp / f"qemu-nbd-{self._n}.log").open("wb"))
+        proc = subprocess.Popen(
+            [*RESTORE_QEMU_NBD, f"--socket={sock}", str(qcow2)],
+            stdin=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        scope.callback(stop_process, proc)
+
+        def connectable() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"qemu-nbd exited with {proc.returncode}")
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(sock))
+                except OSError:
+                    return False
+            return True
+
+        wait_for(connectable, "qemu-nbd")
+        return sock, proc.pid
+
+    def warm_source(self) -> None:
+        """Right before a timed write: the source in the page cache, and no dirty pages left
+        by an earlier write (the previous tool's image) being flushed meanwhile."""
+        src = self.w.source
+        if resident_bytes(src) < src.stat().st_size:
+            read_file_fully(src)
+            if resident_bytes(src) < src.stat().st_size:
+                raise RuntimeError(f"cannot keep {src} in the page cache")
+        os.sync()
+
+    def compare_with_source(self, qcow2: Path) -> str | None:
+        """None when the restore image (servers stopped) reads exactly as the source file,
+        else what ``qemu-img compare`` said."""
+        cmp = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(self.w.source), str(qcow2)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return None if cmp.returncode == 0 else (cmp.stdout + cmp.stderr).strip()[:300]
+
+
+def _dd(src: Path, dest: Path) -> float:
+    secs, _ = _timed(["dd", f"if={src}", f"of={dest}", "bs=1M", "conv=fsync,notrunc",
+                      "status=none"])  # fmt: skip
+    return secs
+
+
+WRITE_DD_TOOLS = ("snapfs", "nbdfuse", "nbdcopy")
+
+
+def _write_dd_run(fx: WriteFixture, tool: str, i: int, res: dict[str, list[float]],
+                  extra: dict[str, list[Any]], checks: list[str]) -> None:  # fmt: skip
+    """One run of ``tool`` writing the source into a fresh, empty restore disk."""
+    src = fx.w.source
+    with contextlib.ExitStack() as scope:
+        qcow2 = fx.restore_disk(scope, f"dd-{tool}-{i}")
+        with contextlib.ExitStack() as servers:
+            if tool == "snapfs":
+                mnt, pid = fx.mount_snapfs(servers)
+                dest = mnt / "restore" / f"dd-{tool}-{i}" / "disk.img"
+                with open(dest, "rb") as f:  # starts its qemu-nbd (socket activation), untimed
+                    f.read(KiB4)
+                fx.warm_source()
+                meter, before = CpuMeter(pid), proc_io(pid)
+                secs = _dd(src, dest)
+                io = io_delta(before, proc_io(pid))
+                extra.setdefault(f"{tool}_fuse_requests", []).append(io.get("syscr"))
+                cpu = meter.stop()
+                unmount_s = snapfs_unmount_wait(mnt, pid, fx.bench.opts.workdir)
+                extra.setdefault("snapfs_unmount_s", []).append(round(unmount_s, 2))
+            elif tool == "nbdfuse":
+                sock, nbd_pid = fx.qemu_nbd(servers, qcow2)
+                mnt = fx.mountpoint("nbdfuse")
+                pidfile = fx.tmp / f"nbdfuse-{i}.pid"
+                proc = subprocess.Popen(
+                    ["nbdfuse", "-P", str(pidfile), str(mnt), "--unix", str(sock)],
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+
+                def stop_nbdfuse(mnt: Path = mnt, proc: subprocess.Popen[bytes] = proc) -> None:
+                    fuse_unmount(mnt)
+                    stop_process(proc)
+
+                servers.callback(stop_nbdfuse)
+
+                def ready(proc: subprocess.Popen[bytes] = proc, mnt: Path = mnt) -> bool:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"nbdfuse exited with {proc.returncode}")
+                    return pidfile.exists() and is_mounted(mnt)
+
+                wait_for(ready, "nbdfuse")
+                fx.warm_source()
+                meter, before = CpuMeter(proc.pid, [nbd_pid]), proc_io(proc.pid)
+                secs = _dd(src, mnt / "nbd")
+                io = io_delta(before, proc_io(proc.pid))
+                extra.setdefault(f"{tool}_fuse_requests", []).append(io.get("syscr"))
+            else:
+                sock, nbd_pid = fx.qemu_nbd(servers, qcow2)
+                fx.warm_source()
+                meter = CpuMeter(None, [nbd_pid])
+                secs, _ = _timed(["nbdcopy", "--flush", str(src),
+                                  f"nbd+unix:///?socket={sock}"])  # fmt: skip
+            if tool != "snapfs":
+                cpu = meter.stop()
+        # Servers stopped (snapfs unmounted: its qemu-nbd flushed and exited).
+        problem = fx.compare_with_source(qcow2)
+        ok = problem is None
+        verdict = "reads as the source" if ok else f"does not read as the source: {problem}"
+        checks.append(f"{'ok' if ok else 'FAILED'} {tool} dd run {i + 1}: the restore image "
+                      f"{verdict} (qemu-img compare)")  # fmt: skip
+        res.setdefault(tool, []).append(secs)
+        extra.setdefault(f"{tool}_cpu_s", []).append(cpu)
+        console.log(f"{tool}: {fx.w.source_size // MiB} MiB in {secs:.2f} s "
+                    f"({fx.w.source_size / secs / 1e6:,.0f} MB/s), cpu {cpu}, "
+                    f"{'verified' if ok else 'NOT VERIFIED'}")  # fmt: skip
+
+
+@case("write")
+def write_disk(bench: Bench) -> None:
+    """1. dd of random data into an empty restore disk.img: snapfs vs nbdfuse (vs nbdcopy)."""
+    fx = bench.write()
+    res: dict[str, list[float]] = {}
+    extra: dict[str, list[Any]] = {}
+    checks: list[str] = []
+    for i in range(bench.opts.runs):
+        order = WRITE_DD_TOOLS if i % 2 == 0 else WRITE_DD_TOOLS[::-1]
+        for tool in order:
+            console.rule(f"write dd run {i + 1}/{bench.opts.runs}: {tool}")
+            _write_dd_run(fx, tool, i, res, extra, checks)
+    bench.info.setdefault("write_checks", []).extend(checks)
+    n = fx.w.source_size
+    name = f"1 dd {n // MiB:,} MiB into restore disk.img (bs=1M, conv=fsync)"
+    s = bench.add(Row("write", name, "snapfs", n, res["snapfs"],
+                      extra={"cpu_s": extra["snapfs_cpu_s"],
+                             "fuse_requests": extra["snapfs_fuse_requests"]}))  # fmt: skip
+    for tool, label, target in (("nbdfuse", "nbdfuse", 0.8),
+                                ("nbdcopy", "nbdcopy --flush (context)", None)):  # fmt: skip
+        r = Row("write", name, label, n, res[tool], extra={"cpu_s": extra[f"{tool}_cpu_s"]})
+        if tool == "nbdfuse":
+            r.extra["fuse_requests"] = extra["nbdfuse_fuse_requests"]
+        r.ratio = r.median / s.median
+        if target is not None:
+            r.target = f"≥ {target:g}x"
+            r.met = r.ratio >= target
+        bench.add(r)
+    s.extra["unmount_s"] = extra["snapfs_unmount_s"]
+    per_run = "; ".join(
+        ", ".join(f"{k} {v:.1f}" for k, v in c.items()) for c in extra["snapfs_cpu_s"]
+    )
+    unmounts = extra["snapfs_unmount_s"]
+    s.note = f"daemon + qemu-nbd CPU s per run: {per_run}; unmount after dd (s): {unmounts}"
+    if any(c.startswith("FAILED") for c in checks):
+        raise RuntimeError("write group: a written image differs from its source (see above)")
+
+
+def _warm_tree(tree: Path) -> None:
+    """Read the source tree into the host page cache (the source is not what is measured)."""
+    run(["bash", "-c", 'find "$1" -type f -exec cat {} + > /dev/null', "warm", str(tree)])
+
+
+def _check_restored_tree(fx: WriteFixture, qcow2: Path, src: Path, tool: str,
+                         checks: list[str]) -> None:  # fmt: skip
+    """e2fsck -fn the partition, then mount it read-only on the host (loop) and compare with
+    ``rsync -aHn --checksum -i --delete``: must print nothing."""
+    with contextlib.ExitStack() as scope:
+        raw = fx.tmp / f"check-{tool}.raw"
+        scope.callback(raw.unlink, missing_ok=True)
+        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow2), str(raw)])
+        loop = run(["losetup", "--read-only", "--find", "--show", "--offset",
+                    str(fx.w.part_offset), "--sizelimit", str(fx.w.part_size), str(raw)],
+                   capture_output=True).stdout.strip()  # fmt: skip
+        scope.callback(subprocess.run, ["losetup", "-d", loop], check=False)
+        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True)
+        ok = fsck.returncode == 0
+        checks.append(f"{'ok' if ok else 'FAILED'} {tool} rsync: e2fsck -fn of the restored "
+                      f"filesystem {'clean' if ok else fsck.stdout[-500:]}")  # fmt: skip
+        mnt = fx.mountpoint(f"check-{tool}")
+        run(["mount", "-t", "ext4", "-o", "ro,noload", loop, str(mnt)])
+        scope.callback(subprocess.run, ["umount", str(mnt)], check=False)
+        diff = run(["rsync", "-aHn", "--checksum", "-i", "--delete", f"{src}/",
+                    f"{mnt / 'tree'}/"], capture_output=True).stdout.strip()  # fmt: skip
+        ok = not diff
+        checks.append(f"{'ok' if ok else 'FAILED'} {tool} rsync: the restored tree/ against "
+                      "the source (rsync -aHn --checksum -i --delete): "
+                      f"{'no differences' if ok else diff[:500]}")  # fmt: skip
+
+
+WRITE_FS_TOOLS = ("snapfs", "guestmount")
+
+
+def _write_rsync_run(fx: WriteFixture, img: GuestImage, tool: str, i: int,
+                     res: dict[str, dict[str, list[float]]], cpu: list[dict[str, float]],
+                     checks: list[str]) -> None:  # fmt: skip
+    """rsync -a of the guest group's tree into a fresh copy-on-write restore disk of the empty
+    ext4 snapshot, then unmount (the time includes the unmount: sync, umount, flush)."""
+    src = img.src / "tree"
+    t = res.setdefault(tool, {})
+    name = f"fs-{tool}-{i}"
+    with contextlib.ExitStack() as scope:
+        qcow2 = fx.restore_disk(scope, name, "--vm", WRITE_VM, "--disk", "vda")
+        with contextlib.ExitStack() as mount:
+            start = time.perf_counter()
+            if tool == "snapfs":
+                mnt, pid = fx.mount_snapfs(mount)
+                root = mnt / "restore" / name / "files"
+                unmount: Callable[[], Any] = functools.partial(
+                    snapfs_unmount_wait, mnt, pid, fx.bench.opts.workdir
+                )
+            else:
+                mnt = fx.mountpoint("guestmount")
+                pidfile = fx.tmp / f"guestmount-{i}.pid"
+                mount.callback(kill_appliances_of, qcow2)  # runs after the unmount below
+                mount.callback(GuestFixture._guestunmount, mnt, pidfile)
+                run(["guestmount", "--rw", "--format=qcow2", "-a", str(qcow2), "-m", "/dev/sda1",
+                     "--pid-file", str(pidfile), str(mnt)], env=fx.env)  # fmt: skip
+                pid = int(pidfile.read_text()) if pidfile.exists() else None
+                root = mnt
+                unmount = functools.partial(GuestFixture._guestunmount, mnt, pidfile)
+            entries = run(["ls", "-A", str(root)], capture_output=True).stdout.split()
+            launch_s = time.perf_counter() - start  # snapfs launches on this first ls
+            if entries != ["lost+found"]:
+                raise RuntimeError(f"{tool}: the restore filesystem is not empty: {entries}")
+            _warm_tree(src)
+            os.sync()
+            meter = CpuMeter(pid)
+            start = time.perf_counter()
+            run(["rsync", "-a", f"{src}/", f"{root / 'tree'}/"])
+            rsync_s = time.perf_counter() - start
+            used = meter.stop()
+            # Unmount: snapfs umount returns when the daemon is gone (appliance sync, umount
+            # and shutdown, NBD flush, qemu-nbd stopped); guestunmount + guestmount's exit.
+            unmount()
+            total_s = time.perf_counter() - start
+        t.setdefault("launch", []).append(launch_s)
+        t.setdefault("rsync", []).append(rsync_s)
+        t.setdefault("unmount", []).append(total_s - rsync_s)
+        t.setdefault("total", []).append(total_s)
+        row: dict[str, Any] = {"tool": tool, **used}
+        cpu.append(row)
+        console.log(f"{tool}: mount+launch {launch_s:.1f} s, rsync {rsync_s:.2f} s, unmount "
+                    f"{total_s - rsync_s:.2f} s, cpu during rsync {used}")  # fmt: skip
+        _check_restored_tree(fx, qcow2, src, tool, checks)
+
+
+@case("write")
+def write_files(bench: Bench) -> None:
+    """2. rsync -a of the small-file tree into a restore disk's files/ vs guestmount --rw."""
+    fx = bench.write()
+    img = build_guest_image(bench.opts)  # its source tree (kept on the host) is the input
+    res: dict[str, dict[str, list[float]]] = {}
+    cpu: list[dict[str, Any]] = []
+    checks: list[str] = []
+    runs = bench.opts.guest_runs
+    for i in range(runs):
+        for tool in WRITE_FS_TOOLS if i % 2 == 0 else WRITE_FS_TOOLS[::-1]:
+            console.rule(f"write rsync run {i + 1}/{runs}: {tool}")
+            _write_rsync_run(fx, img, tool, i, res, cpu, checks)
+    bench.info.setdefault("write_checks", []).extend(checks)
+    bench.info["write_rsync_cpu_s"] = cpu
+    snap, gm = res["snapfs"], res["guestmount"]
+    name = (f"2 rsync -a of {img.nfiles:,} files ({img.tree_bytes / MiB:,.0f} MiB) into "
+            "files/, + unmount")  # fmt: skip
+    s = bench.add(Row("write", name, "snapfs", img.tree_bytes, snap["total"]))
+    g = Row("write", name, "guestmount --rw", img.tree_bytes, gm["total"])
+    g.ratio = g.median / s.median
+    g.target = "≥ 1.5x"
+    g.met = g.ratio >= 1.5
+    bench.add(g)
+    for tool, parts in (("snapfs", snap), ("guestmount", gm)):
+        r = bench.add(Row("write", name, f"  {tool}: rsync", img.tree_bytes, parts["rsync"]))
+        if tool == "guestmount":
+            r.ratio = r.median / statistics.median(snap["rsync"])
+        bench.add(Row("write", name, f"  {tool}: unmount (sync, flush)", 0, parts["unmount"]))
+        bench.add(Row("write", name, f"  {tool}: mount + launch (untimed)", 0, parts["launch"]))
+    if any(c.startswith("FAILED") for c in checks):
+        raise RuntimeError("write group: a restored tree is wrong (see above)")
+
+
 # -- output ----------------------------------------------------------------------------------
 def results_table(rows: list[Row], title: str) -> Table:
     table = Table(title=title)
@@ -1047,13 +1561,14 @@ def parse_args(argv: list[str] | None) -> Options:
         "--runs",
         type=int,
         default=None,
-        help="runs per case (median; default: disk 3, guest 1 (a guestmount run takes minutes))",
+        help="runs per case (median; default: disk and write dd 3, guest and write rsync 1 "
+        "(a guestmount run takes minutes))",
     )
     p.add_argument(
         "--quick",
         action="store_true",
         help="smoke check, 1 run: disk: 512 MiB image, 2,000 random reads; "
-        "guest: 2,000 files and a 100 MiB file",
+        "guest: 2,000 files and a 100 MiB file; write: 256 MiB dd, 2,000 files",
     )
     p.add_argument(
         "--only",
@@ -1074,11 +1589,14 @@ def parse_args(argv: list[str] | None) -> Options:
         "--guest-backend",
         choices=("tcg", "kvm"),
         default="tcg",
-        help="accelerator of both appliances in the guest group (default: %(default)s; "
+        help="accelerator of both appliances in the guest and write groups (default: "
+        "%(default)s; "
         "KVM guests hang on our machines)",
     )
     p.add_argument(
-        "--guest-debug", action="store_true", help="mount snapfs with --debug in the guest group"
+        "--guest-debug",
+        action="store_true",
+        help="mount snapfs with --debug in the guest and write groups",
     )
     a = p.parse_args(argv)  # fmt: skip
     runs = a.runs if a.runs is not None else (1 if a.quick else 3)
@@ -1124,15 +1642,16 @@ def main(argv: list[str] | None = None) -> int:
             if bench.rows:
                 mode = "quick" if opts.quick else "full"
                 runs = f"{opts.runs}" if opts.only != ["guest"] else f"{opts.guest_runs}"
-                if "disk" in opts.only and "guest" in opts.only:
-                    runs = f"{opts.runs} (guest: {opts.guest_runs})"
+                if opts.only != ["guest"] and ("guest" in opts.only or "write" in opts.only):
+                    runs = f"{opts.runs} (guest, write rsync: {opts.guest_runs})"
                 title = f"snapfs benchmarks ({mode}, median of {runs})"
                 out = Console(width=max(150, Console().width))
                 out.print(results_table(bench.rows, title))
                 if "read_ahead_kb" in bench.info:
                     ra = bench.info["read_ahead_kb"]
                     out.print(f"bdi read_ahead_kb of the mounts: {ra}")
-                for line in bench.info.get("guest_checks", []):
+                checks = bench.info.get("guest_checks", []) + bench.info.get("write_checks", [])
+                for line in checks:
                     out.print(f"  check: {line}")
                 for row in bench.rows:
                     if row.note:
