@@ -95,7 +95,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.tree = tree
         self._fh_counter = itertools.count(1)
         self._open_files: dict[int, OpenFile] = {}
-        self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._open_dirs: dict[int, tuple[Dir, list[tuple[bytes, Node]]]] = {}
 
     # -- names and attributes --------------------------------------------------------
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -132,18 +132,28 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         # a failure here is the caller's error (never an empty directory).
         entries = await node.entries()
         fh = next(self._fh_counter)
-        self._open_dirs[fh] = entries
+        self._open_dirs[fh] = (node, entries)
         return fh
 
     @errno_boundary
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = self._open_dirs.get(fh)
-        if entries is None:
+        opened = self._open_dirs.get(fh)
+        if opened is None:
             raise SnapfsError("bad directory handle", errno=errno.EBADF)
+        entries = opened[1]
         for index in range(start_id, len(entries)):
             name, node = entries[index]
             if not pyfuse3.readdir_reply(token, name, await self._entry(node), index + 1):
                 break
+
+    @errno_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        # Without this pyfuse3 answers ENOSYS and the kernel reports success without a sync:
+        # a mkdir or rename in a restore disk would not be durable until some file's fsync.
+        opened = self._open_dirs.get(fh)
+        if opened is None:
+            raise SnapfsError("bad directory handle", errno=errno.EBADF)
+        await opened[0].fsync()
 
     @errno_boundary
     async def releasedir(self, fh: int) -> None:

@@ -374,6 +374,11 @@ class RwGuestDir(_RwNode, Dir):
     async def _ready(self) -> _RwRoot:
         return self.root
 
+    async def fsync(self) -> None:
+        # mkdir, rename, unlink… in this directory reach the image: the appliance syncs
+        # (the whole filesystem: libguestfs has no per-directory sync) and NBD flushes.
+        await self.root.guest.sync()
+
     async def children(self) -> dict[bytes, Node]:
         root = await self._ready()
         entries = await root.guest.listdir(root.view, self.path)

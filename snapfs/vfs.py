@@ -229,6 +229,10 @@ class Dir(Node):
         if self._children is None:
             self._children = {}
 
+    async def fsync(self) -> None:
+        """fsync of the directory (fsyncdir): nothing to do where nothing is written."""
+        return None
+
     async def children(self) -> dict[bytes, Node]:
         if self.error is not None:
             raise SnapfsError(self.error)

@@ -366,6 +366,14 @@ def test_kill9_keeps_what_was_fsynced(state: State) -> None:
         files = state.mnt / "restore" / NAME / "files"
         _check_all_mounted(state, files)
         state.phases.append(_write_phase(files, "kill9"))
+        # A directory's own fsync (fsyncdir) makes its entries durable: no file fsync after.
+        (files / "kill9" / "dirsync").mkdir()
+        os.rename(files / "kill9" / "closed.txt", files / "kill9" / "closed-renamed.txt")
+        dfd = os.open(files / "kill9", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
         children = m.server_pids() + _appliance_pids(m)
         assert _appliance_pids(m) and m.server_pids()
         m.proc.kill()
@@ -378,6 +386,13 @@ def test_kill9_keeps_what_was_fsynced(state: State) -> None:
     _qemu_img_check(state)
     # The guest filesystem was not unmounted: its journal is replayed (on a copy).
     _offline_check(state, replay=True)
+    off = Offline(state, replay=True)
+    try:
+        assert off.exists("/kill9/dirsync"), "fsyncdir did not make a mkdir durable"
+        assert off.exists("/kill9/closed-renamed.txt")
+        assert not off.exists("/kill9/closed.txt")
+    finally:
+        off.close()
 
 
 def test_appliance_killed_then_full_disk(state: State) -> None:
