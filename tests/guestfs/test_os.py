@@ -196,6 +196,8 @@ async def test_ntfs(os_tree: GuestTree, os_images: Images) -> None:
     big = other.ntfs_big.read_bytes()
     st = await os_tree.getattr(view, b"/" + oi.NTFS_BIG.encode())
     assert st.size == len(big) and stat.S_ISREG(st.mode)
+    # ntfs-3g without a user mapping: everything root's, mode 0777 (docs/layout.md).
+    assert (stat.S_IMODE(st.mode), st.uid, st.gid) == (0o777, 0, 0)
     assert await os_tree.read(view, b"/" + oi.NTFS_BIG.encode(), 0, len(big) + 1) == big
     # In 128 KiB pieces across a chunk boundary, as FUSE asks.
     pos = (2 << 20) - 5000
