@@ -103,7 +103,9 @@ def to_errno(exc: BaseException) -> int:
     """The errno a FUSE reply should carry for ``exc`` (EIO when nothing better is known)."""
     if isinstance(exc, SnapfsError):
         return exc.errno
-    code = getattr(exc, "errno", None)
-    if isinstance(code, int) and code > 0:
-        return code
+    # nbd.Error: ``errno`` is the name ("ENOSPC"), ``errnum`` the number.
+    for attr in ("errnum", "errno"):
+        code = getattr(exc, attr, None)
+        if isinstance(code, int) and code > 0:
+            return code
     return errno_mod.EIO

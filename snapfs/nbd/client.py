@@ -9,7 +9,7 @@ small read (measured: 440 µs vs 840 µs per 4 KiB read through ``trio.to_thread
 Thread rules: everything here runs on the trio loop. The only blocking step, connecting
 (a unix-socket connect and the NBD handshake), runs in a worker thread.
 
-Errors: a failed command raises ``nbd.Error`` (it carries ``.errno``). A dead connection
+Errors: a failed command raises ``nbd.Error`` (it carries ``.errnum``). A dead connection
 fails every command in flight with ``ConnectionLost`` and the handle is not reused.
 """
 
@@ -335,6 +335,12 @@ class NbdConnection:
 
 
 def error_errno(exc: BaseException) -> int:
-    """The errno for a failed NBD command (libnbd's own when it has one)."""
-    code = getattr(exc, "errno", None)
-    return code if isinstance(code, int) and code > 0 else errno.EIO
+    """The errno for a failed NBD command (libnbd's own when it has one).
+
+    nbd.Error's ``errno`` is the errno's *name* ("ENOSPC"); the number is ``errnum``.
+    """
+    for attr in ("errnum", "errno"):
+        code = getattr(exc, attr, None)
+        if isinstance(code, int) and code > 0:
+            return code
+    return errno.EIO

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ import trio
 
 from snapfs.config import NbdSettings
 from snapfs.errors import BackendUnavailable, SnapfsError
-from snapfs.nbd.client import ConnectionLost, NbdConnection
+from snapfs.nbd.client import ConnectionLost, NbdConnection, error_errno
 from snapfs.nbd.extents import ExtentMap, dirty_ranges, query_extents
 from snapfs.nbd.probe import bitmap_context
 from snapfs.nbd.server import QemuNbdServer, ServerSpec
@@ -52,6 +53,12 @@ RETRY_AFTER_S = 30.0
 # Data reads bigger than this go out as pipelined pieces of this size (see
 # NbdConnection.pread_pieces): qemu-nbd then reads one piece while sending the previous.
 READ_PIECE = 256 << 10
+# Write-behind: a write is acknowledged once sent, before the server's reply, with up to this
+# many bytes in flight per export. A writer at queue depth 1 (dd, cp) then streams instead of
+# waiting a round trip per 1 MiB request. Errors are reported on the next write, flush or
+# fsync of the export (as a page cache reports writeback errors); overlapping requests and
+# reads of a range being written wait for it, so ordering is as if synchronous.
+WRITE_BEHIND_MAX = 16 << 20
 # Write-zeroes requests are split below the protocol's 32-bit length.
 _ZERO_CHUNK = 1 << 30
 # How often the reaper looks for idle exports.
@@ -101,6 +108,13 @@ class DiskExport:
         self._alive_checked = 0.0
         self._buffers: dict[int, bytearray] = {}
         self._failure: str | None = None
+        # Write-behind state: in-flight writes by id → (start, end); their total size; an
+        # event set (and replaced) whenever one completes; the first error not yet reported.
+        self._writes: dict[int, tuple[int, int]] = {}
+        self._write_bytes = 0
+        self._write_ids = itertools.count()
+        self._write_done = trio.Event()
+        self._write_error: SnapfsError | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -224,6 +238,9 @@ class DiskExport:
         if self.restartable_source:
             self.extents = None
             self.dirty = None
+        with trio.CancelScope(shield=True):
+            # Writes acknowledged to their writers reach the server before it goes away.
+            await self._drain_writes()
         conns, self._conns = self._conns, []
         with trio.CancelScope(shield=True):
             if not self.readonly:
@@ -282,6 +299,8 @@ class DiskExport:
         if offset >= self.size or size <= 0:
             return memoryview(b"")
         size = min(size, self.size - offset, MAX_REQUEST)
+        if self._writes:
+            await self._wait_writes(offset, offset + size)
         self.last_used = time.monotonic()
         extents = self.extents
         if extents is None:
@@ -317,21 +336,82 @@ class DiskExport:
         return view
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Send a write and return (write-behind); ``data`` must not change afterwards.
+
+        An error of an earlier write-behind is raised here (or by the next flush).
+        """
         await self.ensure_running()
-        self.last_used = time.monotonic()
+        self._raise_write_error()
+        end = offset + len(data)
+        while self._writes and (
+            self._write_bytes + len(data) > WRITE_BEHIND_MAX or self._overlaps(offset, end)
+        ):
+            await self._write_completed()
+        self._raise_write_error()
+        conn = self._pick()
+        write_id = next(self._write_ids)
+        self._writes[write_id] = (offset, end)
+        self._write_bytes += len(data)
         self._in_flight += 1
-        try:
-            await self._pick().pwrite(data, offset)
-        except ConnectionLost as exc:
-            await self._io_failed(exc)
-            raise
-        finally:
-            self._in_flight -= 1
+        self.last_used = time.monotonic()
+        self._manager.nursery.start_soon(self._write_behind, conn, write_id, offset, data)
         return len(data)
+
+    async def _write_behind(
+        self, conn: NbdConnection, write_id: int, offset: int, data: bytes | memoryview
+    ) -> None:
+        lost: ConnectionLost | None = None
+        try:
+            await conn.pwrite(data, offset)
+        except ConnectionLost as exc:
+            self._record_write_error(exc, offset, len(data))
+            lost = exc
+        except Exception as exc:  # nbd.Error: the server refused it (ENOSPC, EIO…)
+            self._record_write_error(exc, offset, len(data))
+        finally:
+            start, end = self._writes.pop(write_id)
+            self._write_bytes -= end - start
+            self._in_flight -= 1
+            done, self._write_done = self._write_done, trio.Event()
+            done.set()
+        if lost is not None:
+            # After the bookkeeping: stopping drains the writes in flight, this one included.
+            await self._io_failed(lost)
+
+    def _record_write_error(self, exc: BaseException, offset: int, count: int) -> None:
+        log.error("write of %d bytes at %d to %s failed: %s", count, offset, self.image, exc)
+        if self._write_error is None:
+            self._write_error = SnapfsError(
+                f"{self.image}: a write at offset {offset} failed: {exc}",
+                errno=error_errno(exc),
+            )
+
+    def _raise_write_error(self) -> None:
+        """Report (once) a failed write-behind."""
+        exc, self._write_error = self._write_error, None
+        if exc is not None:
+            raise exc
+
+    def _overlaps(self, start: int, end: int) -> bool:
+        return any(s < end and start < e for s, e in self._writes.values())
+
+    async def _write_completed(self) -> None:
+        await self._write_done.wait()
+
+    async def _wait_writes(self, start: int, end: int) -> None:
+        """Wait until no in-flight write overlaps [start, end) (a read sees what was written)."""
+        while self._overlaps(start, end):
+            await self._write_completed()
+
+    async def _drain_writes(self) -> None:
+        while self._writes:
+            await self._write_completed()
 
     async def zero(self, offset: int, count: int) -> None:
         """Make ``count`` bytes at ``offset`` read as zeros (NBD write-zeroes, trimming)."""
         await self.ensure_running()
+        await self._wait_writes(offset, offset + count)
+        self._raise_write_error()
         conn = self._pick()
         if not conn.can_zero:
             raise SnapfsError("the server cannot write zeroes", errno=errno.EOPNOTSUPP)
@@ -349,6 +429,9 @@ class DiskExport:
             self._in_flight -= 1
 
     async def flush(self) -> None:
+        """Every write sent and answered (errors raised), then flushed by the server."""
+        await self._drain_writes()
+        self._raise_write_error()
         if not self.running:
             return
         for conn in self._conns:

@@ -154,3 +154,46 @@ def test_restore_create_cli_and_listing_while_mounted(repo: Path, tmp_path: Path
         ).read_bytes()
     catalog = load_repository(repo)
     assert not catalog.problems
+
+
+def test_host_disk_full_is_enospc_and_keeps_what_was_written(tmp_path: Path) -> None:
+    """The repository's own disk fills up under a restore disk being written: ENOSPC (from
+    the write that failed or, written behind, the next write or the fsync), never EIO; what
+    was fsynced before is intact, the mount stays up, and overwriting allocated space works."""
+    from snapfs.catalog import writer
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        repo = small / "repo"
+        writer.init_repository(repo)
+        first = os.urandom(8 * MiB)
+        with mounted(repo, tmp_path / "m") as m:
+            (m.path / "restore" / "scratch@256M").mkdir()
+            disk = m.path / "restore" / "scratch@256M" / "disk.img"
+            fd = os.open(disk, os.O_RDWR)
+            try:
+                os.pwrite(fd, first, 0)
+                os.fsync(fd)
+                with pytest.raises(OSError) as info:
+                    for off in range(8 * MiB, 64 * MiB, MiB):
+                        os.pwrite(fd, os.urandom(MiB), off)
+                    os.fsync(fd)
+                assert info.value.errno == errno.ENOSPC, info.value
+                # Reported once: the mount and the file go on.
+                assert os.pread(fd, len(first), 0) == first
+                again = os.urandom(MiB)
+                os.pwrite(fd, again, 0)  # allocated clusters: no new space needed
+                os.fsync(fd)
+                assert os.pread(fd, MiB, 0) == again
+            finally:
+                os.close(fd)
+            assert "ENOSPC" in m.log_text() or "No space" in m.log_text()
+        image = repo / "restore" / "scratch@256M" / "disk.qcow2"
+        check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+        assert check.returncode in (0, 3), check.stdout + check.stderr  # 3: leaked clusters only
+        raw = imaging.to_raw(image, tmp_path / "full.raw")
+        assert raw[:MiB] == again and raw[MiB : 8 * MiB] == first[MiB:]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -174,3 +174,38 @@ async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
                 await trio.sleep(0.01)
         export.release()
         await mgr.stop_all()
+
+
+async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runtime_dir) -> None:
+    """Writes return before the server answers; overlapping writes and reads still behave as
+    if each write had completed (the final image equals a model of them), and a refused write
+    is reported by the next write or flush, once."""
+    import random
+
+    image = tmp_path / "rw.qcow2"
+    imaging.run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(16 * MiB))
+    model = bytearray(16 * MiB)
+    rng = random.Random(7)
+    async with trio.open_nursery() as nursery:
+        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=2))
+        export = mgr.export_for(image, "qcow2", readonly=False)
+        await export.acquire()
+        for i in range(300):
+            off = rng.randrange(0, 16 * MiB - 300_000)
+            data = rng.randbytes(rng.randrange(1, 300_000))
+            assert await export.write(off, data) == len(data)
+            model[off : off + len(data)] = data
+            if i % 25 == 0:  # read your writes, with writes still in flight
+                roff = rng.randrange(0, 16 * MiB - MiB)
+                assert await export.read(roff, MiB) == model[roff : roff + MiB]
+        await export.flush()
+        assert await export.read(0, 16 * MiB) == model
+        # Past the end: the server refuses it; reported by the next flush, then not again.
+        await export.write(16 * MiB - 10, b"x" * 100)
+        with pytest.raises(Exception) as info:
+            await export.flush()
+        assert "failed" in str(info.value)
+        await export.flush()
+        export.release()
+        await mgr.stop_all()
+    assert imaging.to_raw(image, tmp_path / "rw.raw") == model
