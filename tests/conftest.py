@@ -30,3 +30,17 @@ def private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def btrfs_ntfs_images(tmp_path_factory: pytest.TempPathFactory):
+    """A btrfs disk with subvolumes and an ntfs disk (tests/guestfs/osimages.py): built once
+    (one short appliance) for tests/guestfs/test_os.py and tests/integration/test_guest_os.py."""
+    import shutil
+
+    from tests.guestfs import osimages
+
+    for tool in ("mkfs.btrfs", "sfdisk", "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    return osimages.build_btrfs_ntfs(tmp_path_factory.mktemp("btrfs-ntfs"))

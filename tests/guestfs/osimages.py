@@ -176,8 +176,8 @@ def build_btrfs_ntfs(work: Path) -> BtrfsNtfs:
     return BtrfsNtfs(btrfs, ntfs, ntfs_missing, big, ntfs_big)
 
 
-def to_qcow2(raw: Path) -> Path:
-    qcow = raw.with_suffix(".qcow2")
+def to_qcow2(raw: Path, out_dir: Path) -> Path:
+    """A qcow2 copy of ``raw`` in ``out_dir`` (the raw image may be shared with other tests)."""
+    qcow = out_dir / f"{raw.stem}.qcow2"
     _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow)
-    raw.unlink()
     return qcow

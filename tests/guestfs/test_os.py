@@ -8,7 +8,6 @@ the end of the module.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,26 +35,24 @@ class Images:
 
 
 @pytest.fixture(scope="module")
-def os_images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    missing = oi.os_tools_missing() or (
-        None if shutil.which("mkfs.btrfs") else "mkfs.btrfs not installed"
-    )
+def os_images(tmp_path_factory: pytest.TempPathFactory, btrfs_ntfs_images: oi.BtrfsNtfs) -> Images:
+    missing = oi.os_tools_missing()
     if missing:
         pytest.skip(missing)
-    work = tmp_path_factory.mktemp("osimg")
-    return Images(oi.build_os_disk(work), oi.build_btrfs_ntfs(work))
+    return Images(oi.build_os_disk(tmp_path_factory.mktemp("osimg")), btrfs_ntfs_images)
 
 
 @pytest.fixture(scope="module")
 def os_disks(
     os_images: Images, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[tuple[str, str]]]:
-    servers = NbdServers(tmp_path_factory.mktemp("osnbd"))
+    work = tmp_path_factory.mktemp("osnbd")
+    servers = NbdServers(work)
     raws = [("vda", os_images.os.raw), ("vdb", os_images.other.btrfs)]
     if os_images.other.ntfs is not None:
         raws.append(("vdc", os_images.other.ntfs))
     try:
-        yield [(name, servers.serve(oi.to_qcow2(raw))) for name, raw in raws]
+        yield [(name, servers.serve(oi.to_qcow2(raw, work))) for name, raw in raws]
     finally:
         servers.stop()
 

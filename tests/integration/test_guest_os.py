@@ -1,5 +1,7 @@
 """An inspected guest OS through a real mount: files/ is the guest's / with /home (a second
-partition, mounted by UUID= in the guest's fstab) at its place. One TCG appliance."""
+partition, mounted by UUID= in the guest's fstab) at its place; the same snapshot has a btrfs
+disk with subvolumes and an ntfs disk under volumes/. One TCG appliance for the mount (and
+the session's one that built the subvolumes)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,28 @@ from tests.integration.test_guest_files import orphan_appliances
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.guestfs, pytest.mark.slow]
 
 
-def test_files_is_the_guest_root(tmp_path: Path) -> None:
+def test_files_is_the_guest_root(tmp_path: Path, btrfs_ntfs_images: oi.BtrfsNtfs) -> None:
     missing = oi.os_tools_missing()
     if missing:
         pytest.skip(missing)
     disk = oi.build_os_disk(tmp_path / "img")
+    other = btrfs_ntfs_images
+    sources = [
+        writer.DiskSource("vda", disk.raw, "raw"),
+        writer.DiskSource("vdb", other.btrfs, "raw"),
+    ]
+    volumes = ["vda1", "vda2", "vdb", "vdb@data", "vdb@vols_inner"]
+    if other.ntfs is not None:
+        sources.append(writer.DiskSource("vdc", other.ntfs, "raw"))
+        volumes.append("vdc1")
+    else:
+        print(f"no ntfs disk: {other.ntfs_missing}")
     repo = tmp_path / "repo"
     writer.init_repository(repo)
-    writer.add_snapshot(repo, "guest", [writer.DiskSource("vda", disk.raw, "raw")], name="s1")
+    writer.add_snapshot(repo, "guest", sources, name="s1")
     with mounted(repo, tmp_path / "m") as m:
         snap = m.path / "guest" / "latest"
-        assert sorted(os.listdir(snap / "volumes")) == ["vda1", "vda2"]
+        assert sorted(os.listdir(snap / "volumes")) == volumes
         files = snap / "files"
         assert (files / "etc" / "fstab").read_bytes() == oi.FSTAB
         assert (files / "etc" / "os-release").read_bytes() == oi.OS_RELEASE
@@ -52,4 +65,18 @@ def test_files_is_the_guest_root(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             (files / "home" / "new").write_text("x")
         assert "OS mountpoints /=vda1, /home=vda2" in m.log_text()
+        # btrfs: the top level without its subvolumes; each subvolume a volume of its own.
+        vols = snap / "volumes"
+        assert sorted(os.listdir(vols / "vdb")) == ["top.txt", "vols"]
+        assert os.listdir(vols / "vdb" / "vols") == []
+        for sub, contents in oi.SUBVOL_FILES.items():
+            for name, data in contents.items():
+                assert (vols / f"vdb@{sub.replace('/', '_')}" / name).read_bytes() == data
+        assert (vols / "vdb@data" / "big.bin").read_bytes() == other.big.read_bytes()
+        if other.ntfs is not None:
+            ntfs = vols / "vdc1"
+            assert sorted(os.listdir(ntfs / "Dir")) == sorted(["Sub", "hello.txt", oi.NONASCII])
+            for name, data in oi.NTFS_SMALL.items():
+                assert (ntfs / name).read_bytes() == data
+            assert (ntfs / oi.NTFS_BIG).read_bytes() == other.ntfs_big.read_bytes()
     assert orphan_appliances() == []
