@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nbd
 import trio
@@ -59,10 +60,27 @@ READ_PIECE = 256 << 10
 # fsync of the export (as a page cache reports writeback errors); overlapping requests and
 # reads of a range being written wait for it, so ordering is as if synchronous.
 WRITE_BEHIND_MAX = 16 << 20
+# Writes are sent by this many worker threads, each with a blocking libnbd handle of its own
+# (when the server allows several connections): sending a 1 MiB write is a 1 MiB copy into
+# the socket, and on the loop thread that copy competed with reading the next FUSE request.
+WRITER_THREADS = 4
 # Write-zeroes requests are split below the protocol's 32-bit length.
 _ZERO_CHUNK = 1 << 30
 # How often the reaper looks for idle exports.
 REAP_INTERVAL_S = 5.0
+
+
+# Threads for writer handles, all exports together (off trio's default thread limiter, so that
+# a stream of writes does not starve other worker-thread jobs).
+_WRITER_THREADS = trio.CapacityLimiter(16)
+
+
+def _shutdown_handle(handle: Any, image: Path) -> None:
+    try:
+        if not handle.aio_is_dead() and not handle.aio_is_closed():
+            handle.shutdown()
+    except nbd.Error as exc:
+        log.debug("shutdown of a writer of %s: %s", image, exc)
 
 
 def _zero_fill(view: memoryview) -> None:
@@ -115,6 +133,8 @@ class DiskExport:
         self._write_ids = itertools.count()
         self._write_done = trio.Event()
         self._write_error: SnapfsError | None = None
+        self._writers: list[Any] = []  # idle blocking handles of the writer threads
+        self._writer_limiter = trio.CapacityLimiter(WRITER_THREADS)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -208,6 +228,10 @@ class DiskExport:
         count = settings.connections if (ours_readonly or first.can_multi_conn) else 1
         for _ in range(count - 1):
             conns.append(await self._connect())
+        writers: list[Any] = []
+        if not self.readonly and first.can_multi_conn:
+            for _ in range(WRITER_THREADS):
+                writers.append((await self._connect()).handle)
         if self.extents is None and self.readonly:
             # Snapshot data is immutable: one block-status pass serves for the whole mount.
             # On the first connection, before its driver runs: servers may allow one client.
@@ -220,6 +244,7 @@ class DiskExport:
         for conn in conns:
             self._manager.nursery.start_soon(conn.run)
         self._conns = conns
+        self._writers = writers
         log.info(
             "serving %s (%s, %d bytes, %d connections) in %.2f s",
             self.uri or self.image,
@@ -242,7 +267,10 @@ class DiskExport:
             # Writes acknowledged to their writers reach the server before it goes away.
             await self._drain_writes()
         conns, self._conns = self._conns, []
+        writers, self._writers = self._writers, []
         with trio.CancelScope(shield=True):
+            for handle in writers:
+                await trio.to_thread.run_sync(_shutdown_handle, handle, self.image)
             if not self.readonly:
                 # What was written must be on disk before the server goes away.
                 for conn in conns:
@@ -357,12 +385,28 @@ class DiskExport:
         self._manager.nursery.start_soon(self._write_behind, conn, write_id, offset, data)
         return len(data)
 
+    async def _send_write(self, conn: NbdConnection, offset: int, data: bytes | memoryview) -> None:
+        """One write, by a writer thread when there are any, else on ``conn`` (AIO)."""
+        if not self._writers:
+            await conn.pwrite(data, offset)
+            return
+        async with self._writer_limiter:
+            handle = self._writers.pop()
+            try:
+                await trio.to_thread.run_sync(handle.pwrite, data, offset, limiter=_WRITER_THREADS)
+            except nbd.Error as exc:
+                if handle.aio_is_dead() or handle.aio_is_closed():
+                    raise ConnectionLost(f"NBD writer of {self.image} died: {exc}") from exc
+                raise
+            finally:
+                self._writers.append(handle)
+
     async def _write_behind(
         self, conn: NbdConnection, write_id: int, offset: int, data: bytes | memoryview
     ) -> None:
         lost: ConnectionLost | None = None
         try:
-            await conn.pwrite(data, offset)
+            await self._send_write(conn, offset, data)
         except ConnectionLost as exc:
             self._record_write_error(exc, offset, len(data))
             lost = exc
