@@ -228,6 +228,10 @@ def _join(path: bytes, name: bytes) -> bytes:
     return path.rstrip(b"/") + b"/" + name
 
 
+def _parent(path: bytes) -> bytes:
+    return path.rsplit(b"/", 1)[0] or b"/"
+
+
 def _check_name(name: bytes) -> None:
     if not name or b"/" in name or name in (b".", b".."):
         raise SnapfsError(f"bad name {name!r}", errno=errno.EINVAL)
@@ -237,9 +241,10 @@ def _check_name(name: bytes) -> None:
 
 class _RwRoot:
     """What every node of one view shares: the tree, the view, the inode salt, and which
-    node each known path is."""
+    node each known path is (with the known paths under each directory path, so that a
+    rename moves a subtree without looking at every known path)."""
 
-    __slots__ = ("by_path", "context", "guest", "salt", "view")
+    __slots__ = ("by_path", "context", "guest", "kids", "salt", "view")
 
     def __init__(self, context: RestoreGuest, guest: RwGuestTree, view: View, salt: int) -> None:
         self.context = context
@@ -247,6 +252,7 @@ class _RwRoot:
         self.view = view
         self.salt = salt
         self.by_path: dict[bytes, _RwNode] = {}
+        self.kids: dict[bytes, set[bytes]] = {}
 
     def ino(self, st: GuestStat) -> int:
         return derive_inode(self.salt, st.ino.to_bytes(8, "little"))
@@ -283,26 +289,51 @@ class _RwRoot:
         old = self.by_path.get(path)
         if old is not None and old is not node:
             self.unbind(path)
-        self.by_path[path] = node
+        self._set(path, node)
         if path in node.paths:
             node.paths.remove(path)
         node.paths.append(path)  # the most recent name last
 
-    def unbind(self, path: bytes) -> None:
+    def _set(self, path: bytes, node: _RwNode) -> None:
+        self.by_path[path] = node
+        self.kids.setdefault(_parent(path), set()).add(path)
+
+    def _pop(self, path: bytes) -> _RwNode | None:
         node = self.by_path.pop(path, None)
+        if node is not None:
+            parent = _parent(path)
+            kids = self.kids.get(parent)
+            if kids is not None:
+                kids.discard(path)
+                if not kids:
+                    del self.kids[parent]
+        return node
+
+    def unbind(self, path: bytes) -> None:
+        node = self._pop(path)
         if node is not None and path in node.paths and len(node.paths) > 1:
             node.paths.remove(path)  # the last name stays for messages
 
     def move(self, old: bytes, new: bytes) -> None:
-        """``old`` was renamed to ``new``: every node at or under ``old`` follows."""
-        prefix = old.rstrip(b"/") + b"/"
-        moved = [p for p in self.by_path if p == old or p.startswith(prefix)]
+        """``old`` was renamed to ``new``: every node at or under ``old`` follows (the known
+        paths under it, found through ``kids``: as many steps as the subtree has)."""
+        if old == new:
+            return
+        moved: list[bytes] = []
+        todo = [old]
+        while todo:
+            path = todo.pop()
+            if path in self.by_path:
+                moved.append(path)
+            todo.extend(self.kids.get(path, ()))
         self.unbind(new)
-        for path in moved:
-            node = self.by_path.pop(path)
+        nodes = [(path, self._pop(path)) for path in moved]
+        for path, node in nodes:
+            if node is None:
+                continue
             target = new + path[len(old):]
             node.paths[:] = [target if p == path else p for p in node.paths]
-            self.by_path[target] = node
+            self._set(target, node)
 
 
 class _RwNode(Node):
@@ -338,7 +369,13 @@ class _RwNode(Node):
             st = await guest.utimens(view, path, changes.atime_ns, changes.mtime_ns)
         if st is None:
             st = await self._stat()
-        return _attrs(self.ino, st)
+            return _attrs(self.ino, st)
+        attrs = _attrs(self.ino, st)
+        if await guest.stale(view, path):
+            # Derived locally (chmod, chown, utimens): the guest's ctime is not known yet, so
+            # the kernel must not cache these; the next stat re-reads the entry.
+            attrs = attrs._replace(ttl=0.0)
+        return attrs
 
     async def listxattr(self) -> list[bytes]:
         return await self.root.guest.listxattr(self.root.view, self.path)

@@ -7,11 +7,19 @@ write, truncate, mkdir, rmdir, unlink, rename, symlink, link, mknod, chmod, chow
 setxattr/removexattr, fsync/sync and close.
 
 Caching: the read-only tree caches forever; here every change keeps the cache exact instead
-of dropping it. The job that makes a change also ``lstat``s what it touched (the entry, its
-parent directory) in the same worker-thread job, and the loop then puts those stats into the
-cached listings; a listing that cannot be updated exactly (a hard link's other names, a
-renamed directory's subtree) is dropped and refetched on next use. So a lookup or getattr
-right after a change sees it, and a change costs one thread hop (a few appliance calls).
+of dropping it. The job that makes a change also stats what it touched in the same
+worker-thread job (create, mkdir, rename: the entry and its directory in one ``lstatnslist``
+with ``.``, together with that directory's stale entries; a write: ``lstatns``), and the loop
+then puts those stats into the cached listings; a listing that cannot be updated exactly (a
+hard link's other names, a renamed directory's subtree) is dropped and refetched on next use.
+chmod, chown and utimens of an inode with one name make no stat: the new mode, owner or
+times are derived from the cached entry, which is marked stale (its ctime is the guest's
+to say) and re-read, with the other stale entries of its directory in one ``lstatnslist``,
+before a getattr, lookup or listing shows it, or by the next create/rename in that
+directory. So a stat right after a change sees what the guest has, and rsync's per-file
+sequence (create, write, close, chmod, chown, utimens, rename) costs 9 appliance calls
+instead of 16. A new file's owner is set only when the appliance did not give it already.
+Hard links and a directory rename stay O(names) (rare); every other update is O(1).
 
 Write-behind: FUSE writes come in pieces of at most 128 KiB, and one ``pwrite`` per piece is
 one appliance round trip. Contiguous writes to one guest inode are gathered on the loop and
@@ -68,7 +76,7 @@ from .model import DirEntry, GuestStat, View, Volume
 from .session import GuestSession, LaunchState
 from .settings import GuestfsSettings
 from .shell import sh_bytes
-from .tree import GuestTree, _split
+from .tree import GuestTree, _Dir, _join, _split
 
 if TYPE_CHECKING:
     from .pool import AppliancePool
@@ -187,6 +195,15 @@ class RwGuestTree(GuestTree):
         self._unsynced: set[tuple[int, int]] = set()
         self._prepared_generation = -1
         self._closed = False
+        # Cached entries whose metadata was derived locally after a change (chmod, chown,
+        # utimens): right but for what only the guest knows (ctime). (volume, parent) →
+        # names; volumes whose root is such. Re-read from the guest (one ``lstatnslist``
+        # per directory) before getattr/lookup/listdir shows them, or with the next change
+        # in their directory.
+        self._stale: dict[tuple[int, bytes], set[bytes]] = {}
+        self._stale_roots: set[int] = set()
+        self.stats["derived"] = 0
+        self.stats["refreshes"] = 0
         # The owner's NBD flush, run after each sync (fsync): the image file holds the data.
         self.after_sync: Callable[[], Awaitable[None]] | None = None
         if isinstance(session, RwGuestSession):
@@ -217,6 +234,8 @@ class RwGuestTree(GuestTree):
         self._dir_locks.clear()
         self._roots.clear()
         self._chunks.clear()
+        self._stale.clear()
+        self._stale_roots.clear()
         self._discovery = None
         self.session.discovery = None
 
@@ -289,23 +308,33 @@ class RwGuestTree(GuestTree):
         *,
         link: bytes | None = None,
         xattrs: dict[bytes, bytes] | None = None,
+        exact: bool = True,
     ) -> None:
-        """Set (or with ``st`` None remove) the cached entry of ``vpath``."""
+        """Set (or with ``st`` None remove) the cached entry of ``vpath``; ``exact`` False:
+        ``st`` was derived locally and is re-read from the guest before it is shown."""
         if vpath == b"/":
             if st is not None:
                 old = self._roots.get(vol.index)
                 keep = xattrs if xattrs is not None else (old[1] if old else {})
                 self._roots[vol.index] = (st, keep)
+                if exact:
+                    self._stale_roots.discard(vol.index)
+                else:
+                    self._stale_roots.add(vol.index)
             return
         parent, name = _split(vpath)
-        listing = self._dirs.get((vol.index, parent))
+        key = (vol.index, parent)
+        listing = self._dirs.get(key)
         if listing is None:
             return  # fetched fresh on its first use
         listing.extents = None
+        stale = self._stale.get(key)
         if st is None:
             listing.entries.pop(name, None)
             listing.links.pop(name, None)
             listing.xattrs.pop(name, None)
+            if stale is not None:
+                stale.discard(name)
             return
         listing.entries[name] = st
         if link is not None:
@@ -315,18 +344,133 @@ class RwGuestTree(GuestTree):
                 listing.xattrs[name] = xattrs
             else:
                 listing.xattrs.pop(name, None)
+        if not exact:
+            self._stale.setdefault(key, set()).add(name)
+        elif stale is not None:
+            stale.discard(name)
+            if not stale:
+                del self._stale[key]
 
-    def _update_inode(self, vol: Volume, st: GuestStat) -> None:
-        """Every cached name of guest inode ``st.guest_ino`` (hard links) gets ``st``."""
-        for (index, _), listing in self._dirs.items():
+    def _cached(self, vol: Volume, vpath: bytes) -> GuestStat | None:
+        """The cached entry of ``vpath`` (None: not cached), without fetching."""
+        if vpath == b"/":
+            root = self._roots.get(vol.index)
+            return root[0] if root is not None else None
+        parent, name = _split(vpath)
+        listing = self._dirs.get((vol.index, parent))
+        return listing.entries.get(name) if listing is not None else None
+
+    def _is_stale(self, vol: Volume, vpath: bytes) -> bool:
+        if vpath == b"/":
+            return vol.index in self._stale_roots
+        parent, name = _split(vpath)
+        return name in self._stale.get((vol.index, parent), ())
+
+    async def stale(self, view: View, path: bytes) -> bool:
+        """Is the cached metadata of ``path`` partly derived (a stat must re-read it)?"""
+        vol, vpath = await self._locate(view, path)
+        return self._is_stale(vol, vpath)
+
+    def _stale_names(self, vol: Volume, parent: bytes) -> list[bytes]:
+        """The stale names of a cached directory listing, UTF-8 ones only (the others are
+        dropped with their listing: fetched fresh on next use)."""
+        key = (vol.index, parent)
+        names = self._stale.get(key)
+        if not names:
+            return []
+        if key not in self._dirs:
+            del self._stale[key]
+            return []
+        out = []
+        for name in names:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                self._stale.pop(key, None)
+                self._drop_listing(key)
+                return []
+            out.append(name)
+        return out
+
+    def _lstat_names_sync(
+        self, g: Any, vol: Volume, apath: str, names: Sequence[bytes]
+    ) -> list[GuestStat | None]:
+        """One ``lstatnslist`` round trip: entries ``names`` of directory ``apath`` (b"." is
+        the directory itself); None where a name is gone."""
+        if not names:
+            return []
+        result = g.lstatnslist(apath, [n.decode("utf-8") for n in names])
+        return [None if st["st_ino"] == -1 else self._stat_from_statns(vol, st)
+                for st in result]
+
+    def _apply_names(
+        self, vol: Volume, parent: bytes, names: Sequence[bytes],
+        stats: Sequence[GuestStat | None],
+    ) -> None:
+        """Put what ``_lstat_names_sync`` returned for names (not b".") of ``parent``."""
+        listing = self._dirs.get((vol.index, parent))
+        for name, st in zip(names, stats, strict=True):
+            if name == b"." or st is None:
+                continue
+            if listing is not None and name in listing.entries:
+                self._put(vol, _join(parent, name), st)
+
+    async def _refresh(self, vol: Volume, vpath: bytes) -> None:
+        """Re-read from the guest the stale entries of the directory holding ``vpath`` (or the
+        stale root): one round trip."""
+        if vpath == b"/":
+            if vol.index not in self._stale_roots:
+                return
+
+            def root_job(g: Any, state: LaunchState) -> GuestStat:
+                return self._lstat_sync(g, vol, self._apath_sync(g, state, vol, b"/"))
+
+            st = await self._call(root_job)
+            self.stats["refreshes"] += 1
+            if vol.index in self._stale_roots:
+                self._put(vol, b"/", st)
+            return
+        parent = _split(vpath)[0]
+        names = self._stale_names(vol, parent)
+        if not names:
+            return
+
+        def job(g: Any, state: LaunchState) -> list[GuestStat | None]:
+            return self._lstat_names_sync(g, vol, self._apath_sync(g, state, vol, parent), names)
+
+        stats = await self._call(job)
+        self.stats["refreshes"] += 1
+        self._apply_names(vol, parent, names, stats)
+        listing = self._dirs.get((vol.index, parent))
+        if listing is not None and any(
+            st is None and name in listing.entries for name, st in zip(names, stats, strict=True)
+        ):  # changed behind the cache: list the directory again
+            self._drop_listing((vol.index, parent))
+
+    def _update_inode(self, vol: Volume, vpath: bytes, st: GuestStat) -> None:
+        """Every cached name of guest inode ``st.guest_ino`` gets ``st``: only ``vpath``
+        unless the inode has other names (hard links; a directory has one name)."""
+        if st.is_dir or st.nlink <= 1:
+            self._put(vol, vpath, st)
+            return
+        for (index, parent), listing in self._dirs.items():
             if index != vol.index:
                 continue
             for name, old in listing.entries.items():
                 if old.guest_ino == st.guest_ino:
                     listing.entries[name] = st
+                    stale = self._stale.get((index, parent))
+                    if stale is not None:
+                        stale.discard(name)
         root = self._roots.get(vol.index)
         if root is not None and root[0].guest_ino == st.guest_ino:
             self._roots[vol.index] = (st, root[1])
+            self._stale_roots.discard(vol.index)
+
+    def _drop_listing(self, key: tuple[int, bytes]) -> None:
+        """Forget a cached listing (fetched fresh, stale entries and all, on next use)."""
+        self._dirs.pop(key, None)
+        self._stale.pop(key, None)
 
     def _forget_inode_names(self, vol: Volume, guest_ino: int) -> None:
         """Drop the listings that hold a name of ``guest_ino`` (its nlink/ctime changed)."""
@@ -336,13 +480,13 @@ class RwGuestTree(GuestTree):
             and any(s.guest_ino == guest_ino for s in listing.entries.values())
         ]
         for key in stale:
-            self._dirs.pop(key, None)
+            self._drop_listing(key)
 
     def _forget_subtree(self, vol: Volume, vpath: bytes) -> None:
         prefix = vpath.rstrip(b"/") + b"/"
         for key in [k for k in self._dirs if k[0] == vol.index
                     and (k[1] == vpath or k[1].startswith(prefix))]:
-            self._dirs.pop(key, None)
+            self._drop_listing(key)
 
     def _drop_chunks(self, vol: Volume, guest_ino: int | None = None) -> None:
         for key in [k for k in self._chunks
@@ -380,6 +524,10 @@ class RwGuestTree(GuestTree):
         return dataclasses.replace(st, size=end) if end > st.size else st
 
     async def getattr(self, view: View, path: bytes) -> GuestStat:
+        if self._stale or self._stale_roots:
+            vol, vpath = await self._locate(view, path)
+            if self._is_stale(vol, vpath):
+                await self._refresh(vol, vpath)
         st = await super().getattr(view, path)
         if not (self._pending or self._inflight_end):
             return st
@@ -387,6 +535,13 @@ class RwGuestTree(GuestTree):
         return self._overlay(vol, st)
 
     async def listdir(self, view: View, path: bytes) -> list[DirEntry]:
+        if self._stale or self._stale_roots:
+            vol, vpath = await self._locate(view, path)
+            if self._stale.get((vol.index, vpath)):
+                await self._refresh(vol, _join(vpath, b"x"))
+            for _, mounted in view.mounts:  # a mountpoint shows its volume's root
+                if mounted.index in self._stale_roots:
+                    await self._refresh(mounted, b"/")
         entries = await super().listdir(view, path)
         if not (self._pending or self._inflight_end):
             return entries
@@ -475,7 +630,7 @@ class RwGuestTree(GuestTree):
                 self._inflight_end.pop(key, None)
                 if not lock.statistics().tasks_waiting:
                     self._flush_locks.pop(key, None)
-            self._update_inode(vol, st)
+            self._update_inode(vol, vpath, st)
             self._drop_chunks(vol, st.guest_ino)
 
     async def flush_all(self) -> None:
@@ -532,10 +687,35 @@ class RwGuestTree(GuestTree):
     # -- changes of one inode -------------------------------------------------------------------
 
     async def _change_inode(
-        self, view: View, path: bytes, op: Callable[[Any, str], None], *, xattrs: bool = False
+        self,
+        view: View,
+        path: bytes,
+        op: Callable[[Any, str], None],
+        *,
+        xattrs: bool = False,
+        derive: Callable[[GuestStat], GuestStat | None] | None = None,
     ) -> GuestStat:
+        """Run ``op`` on the guest path. ``derive`` (the new metadata from the old, None when
+        it cannot tell) saves the ``lstat``: the entry is then stale until re-read (its ctime
+        is the guest's). Only for an inode with one name: other names would go stale too."""
         vol, vpath, st = await self._inode_of(view, path)
         await self._before_change(vol, st.guest_ino)
+        if derive is not None and not xattrs:
+            st = await super().getattr(view, path)  # after the flush: the current size
+            if (st.is_dir or st.nlink <= 1) and derive(st) is not None:
+
+                def quick(g: Any, state: LaunchState) -> None:
+                    op(g, self._apath_sync(g, state, vol, vpath))
+
+                await self._call(quick)
+                cur = self._cached(vol, vpath)
+                derived = derive(cur) if cur is not None else None
+                if derived is not None:
+                    self.stats["derived"] += 1
+                    self._put(vol, vpath, derived, exact=False)
+                    return derived
+                # Not cached any more (a listing dropped meanwhile): ask the guest.
+                return await self.getattr(view, path)
 
         def job(g: Any, state: LaunchState) -> tuple[GuestStat, dict[bytes, bytes] | None]:
             ap = self._apath_sync(g, state, vol, vpath)
@@ -551,11 +731,11 @@ class RwGuestTree(GuestTree):
             return new, attrs
 
         new, attrs = await self._call(job)
-        self._update_inode(vol, new)
+        self._update_inode(vol, vpath, new)
         if xattrs:
             if attrs is None:
                 parent, _ = _split(vpath)
-                self._dirs.pop((vol.index, parent), None)
+                self._drop_listing((vol.index, parent))
             else:
                 self._put(vol, vpath, new, xattrs=attrs)
         return new
@@ -575,11 +755,25 @@ class RwGuestTree(GuestTree):
         _, _, st = await self._inode_of(view, path)
         if st.is_link:
             return st  # Linux has no mode on symlinks (lchmod is not supported)
-        return await self._change_inode(view, path, lambda g, ap: g.chmod(mode & 0o7777, ap))
+        perms = mode & 0o7777
+        return await self._change_inode(
+            view, path, lambda g, ap: g.chmod(perms, ap),
+            derive=lambda old: dataclasses.replace(old, mode=(old.mode & ~0o7777) | perms),
+        )
 
     async def chown(self, view: View, path: bytes, uid: int, gid: int) -> GuestStat:
         """lchown; -1 leaves that id unchanged."""
-        return await self._change_inode(view, path, lambda g, ap: g.lchown(uid, gid, ap))
+
+        def derive(old: GuestStat) -> GuestStat | None:
+            if old.mode & 0o6000 and not old.is_dir:
+                return None  # the kernel drops setuid/setgid bits on chown: ask the guest
+            return dataclasses.replace(
+                old, uid=old.uid if uid == -1 else uid, gid=old.gid if gid == -1 else gid
+            )
+
+        return await self._change_inode(
+            view, path, lambda g, ap: g.lchown(uid, gid, ap), derive=derive
+        )
 
     async def utimens(
         self, view: View, path: bytes, atime_ns: int | None, mtime_ns: int | None
@@ -593,8 +787,18 @@ class RwGuestTree(GuestTree):
             return ns // 1_000_000_000, ns % 1_000_000_000
 
         (a_s, a_ns), (m_s, m_ns) = split(atime_ns), split(mtime_ns)
+
+        def derive(old: GuestStat) -> GuestStat:
+            # What the filesystem keeps may be coarser (128-byte ext4 inodes: seconds): the
+            # entry is stale, so a stat shows the guest's values.
+            return dataclasses.replace(
+                old,
+                atime_ns=old.atime_ns if atime_ns is None else atime_ns,
+                mtime_ns=old.mtime_ns if mtime_ns is None else mtime_ns,
+            )
+
         return await self._change_inode(
-            view, path, lambda g, ap: g.utimens(ap, a_s, a_ns, m_s, m_ns)
+            view, path, lambda g, ap: g.utimens(ap, a_s, a_ns, m_s, m_ns), derive=derive
         )
 
     def _xattr_name(self, name: bytes) -> str:
@@ -655,17 +859,33 @@ class RwGuestTree(GuestTree):
         link: bytes | None = None,
     ) -> GuestStat:
         vol, vpath = await self._target(view, path)
+        parent, name = _split(vpath)
+        # The new entry and its directory in one lstatnslist, with the directory's stale
+        # entries; the owner is set only if the new inode did not get it already (the
+        # appliance creates as root; a setgid directory gives its group).
+        names = [b".", name, *[n for n in self._stale_names(vol, parent) if n != name]]
 
-        def job(g: Any, state: LaunchState) -> tuple[GuestStat, GuestStat]:
+        def job(g: Any, state: LaunchState) -> list[GuestStat | None]:
             ap = self._apath_sync(g, state, vol, vpath)
+            pap = self._parent_apath(ap)
             op(g, ap)
-            if uid != -1 or gid != -1:
+            stats = self._lstat_names_sync(g, vol, pap, names)
+            st = stats[1]
+            if st is not None and (uid not in (-1, st.uid) or gid not in (-1, st.gid)):
                 g.lchown(uid, gid, ap)
-            return self._lstat_sync(g, vol, ap), self._lstat_sync(g, vol, self._parent_apath(ap))
+                stats = self._lstat_names_sync(g, vol, pap, names)
+            if stats[0] is None or stats[1] is None:
+                raise GuestfsError(f"{ap}: gone right after it was made", errno=errno.EIO)
+            return stats
 
-        st, parent_st = await self._call(job)
+        stats = await self._call(job)
+        st, parent_st = stats[1], stats[0]
+        assert st is not None and parent_st is not None
         self._put(vol, vpath, st, link=link, xattrs={})
-        self._put(vol, _split(vpath)[0], parent_st)
+        self._put(vol, parent, parent_st)
+        self._apply_names(vol, parent, names[2:], stats[2:])
+        if st.is_dir and (vol.index, vpath) not in self._dirs:
+            self._dirs[(vol.index, vpath)] = _Dir({}, {}, {})  # just made: empty
         self._drop_chunks(vol, st.guest_ino)  # an inode number freed and reused
         return st
 
@@ -730,9 +950,9 @@ class RwGuestTree(GuestTree):
         new_st, parent_st = await self._call(job)
         old_listing = self._dirs.get((vol.index, _split(old_vpath)[0]))
         old_xattrs = old_listing.xattrs.get(_split(old_vpath)[1]) if old_listing else None
-        self._update_inode(vol, new_st)
+        self._update_inode(vol, vpath, new_st)
         if old_listing is None or old_xattrs is not None or st.is_link:
-            self._dirs.pop((vol.index, _split(vpath)[0]), None)  # xattrs/target not known
+            self._drop_listing((vol.index, _split(vpath)[0]))  # xattrs/target not known
         else:
             self._put(vol, vpath, new_st, xattrs={})
         self._put(vol, _split(vpath)[0], parent_st)
@@ -795,23 +1015,32 @@ class RwGuestTree(GuestTree):
         if replaced is not None and noreplace:
             raise SnapfsError(f"{view.name}:{new!r} exists", errno=errno.EEXIST)
         await self._before_namespace_change()
+        old_parent, old_name = _split(old_vpath)
+        new_parent, new_name = _split(new_vpath)
+        # The moved entry and both directories (one lstatnslist each), with the stale
+        # entries of those directories.
+        new_names = [b".", new_name, *[n for n in self._stale_names(vol, new_parent)
+                                       if n not in (new_name, old_name)]]
+        old_names = [b"."] if old_parent == new_parent else [
+            b".", *[n for n in self._stale_names(vol, old_parent) if n != old_name]]
 
-        def job(g: Any, state: LaunchState) -> tuple[GuestStat, GuestStat, GuestStat]:
+        def job(g: Any, state: LaunchState) -> tuple[list[GuestStat | None], ...]:
             self._drop_aliases_sync(g, state)
             old_ap = self._apath_sync(g, state, vol, old_vpath)
             ap = self._apath_sync(g, state, vol, new_vpath)
             if noreplace and g.exists(ap):
                 raise GuestfsError(f"rename: {ap}: File exists", errno=errno.EEXIST)
             g.rename(old_ap, ap)
-            return (
-                self._lstat_sync(g, vol, ap),
-                self._lstat_sync(g, vol, self._parent_apath(old_ap)),
-                self._lstat_sync(g, vol, self._parent_apath(ap)),
-            )
+            new_stats = self._lstat_names_sync(g, vol, self._parent_apath(ap), new_names)
+            old_stats = (new_stats if old_parent == new_parent else
+                         self._lstat_names_sync(g, vol, self._parent_apath(old_ap), old_names))
+            if None in (new_stats[0], new_stats[1], old_stats[0]):
+                raise GuestfsError(f"rename {old_ap} {ap}: gone right after", errno=errno.EIO)
+            return new_stats, old_stats
 
-        new_st, old_parent_st, new_parent_st = await self._call(job)
-        old_parent, old_name = _split(old_vpath)
-        new_parent = _split(new_vpath)[0]
+        new_stats, old_stats = await self._call(job)
+        new_st, new_parent_st, old_parent_st = new_stats[1], new_stats[0], old_stats[0]
+        assert new_st is not None and new_parent_st is not None and old_parent_st is not None
         old_listing = self._dirs.get((vol.index, old_parent))
         link = old_listing.links.get(old_name) if old_listing else None
         xattrs = old_listing.xattrs.get(old_name, {}) if old_listing else None
@@ -824,13 +1053,16 @@ class RwGuestTree(GuestTree):
                 self._forget_inode_names(vol, replaced.guest_ino)
             self._drop_chunks(vol, replaced.guest_ino)
         if old_listing is None or (st.is_link and link is None):
-            self._dirs.pop((vol.index, new_parent), None)
+            self._drop_listing((vol.index, new_parent))
         else:
             self._put(vol, new_vpath, new_st, link=link, xattrs=xattrs)
         if st.is_dir:
             self._forget_subtree(vol, old_vpath)
         self._put(vol, old_parent, old_parent_st)
         self._put(vol, new_parent, new_parent_st)
+        self._apply_names(vol, new_parent, new_names[2:], new_stats[2:])
+        if old_parent != new_parent:
+            self._apply_names(vol, old_parent, old_names[1:], old_stats[1:])
         return new_st
 
     # -- the end --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ for ENOSPC). The last test closes the tree; tests run in file order.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -342,6 +344,98 @@ async def test_enospc(rw: RwGuestTree) -> None:
     await rw.create(vdb, b"/after", 0o644)
     await rw.write(vdb, b"/after", 0, b"room again")
     await rw.fsync(vdb, b"/after")
+
+
+async def test_derived_metadata_equals_the_guests(
+    rw: RwGuestTree, session: GuestSession
+) -> None:
+    """rsync's sequence (create, write, close, chmod, chown, utimens, rename): chmod, chown
+    and utimens make no lstat of their own, yet every stat afterwards equals a fresh one
+    from the guest, ctime included (pauses make each change's ctime differ; vdb's 128-byte
+    inodes keep whole seconds, so derived nanoseconds would differ too)."""
+    calls = 0
+    names: list[str] = []
+    real_call = session.call
+
+    class Counted:
+        """The real handle; counts the appliance calls made through it."""
+
+        def __init__(self, g: Any) -> None:
+            self._g = g
+
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(self._g, name)
+
+            def call(*args: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                names.append(name)
+                return method(*args)
+
+            return call
+
+    async def counting(fn: Any, **kwargs: Any) -> Any:
+        return await real_call(lambda g, state: fn(Counted(g), state), **kwargs)
+
+    for vname in ("vda", "vdb"):
+        view = await rw.volume_view(vname)
+        await rw.mkdir(view, b"/rs", 0o755)
+        await rw.listdir(view, b"/rs")
+        session.call = counting  # type: ignore[method-assign]
+        try:
+            calls = 0
+            names.clear()
+            await rw.create(view, b"/rs/.f.XXXX", 0o600, 0, 0)
+            await rw.write(view, b"/rs/.f.XXXX", 0, b"data")
+            await rw.flush(view, b"/rs/.f.XXXX")
+            await trio.sleep(0.05)
+            derived = rw.stats["derived"]
+            st = await rw.chmod(view, b"/rs/.f.XXXX", 0o640)
+            assert stat.S_IMODE(st.mode) == 0o640
+            assert await rw.stale(view, b"/rs/.f.XXXX")
+            await trio.sleep(0.05)
+            st = await rw.chown(view, b"/rs/.f.XXXX", 1234, 4321)
+            assert (st.uid, st.gid) == (1234, 4321)
+            await trio.sleep(0.05)
+            await rw.utimens(view, b"/rs/.f.XXXX", 1_600_000_000_123_456_789,
+                             1_500_000_000_987_654_321)
+            assert rw.stats["derived"] == derived + 3
+            await trio.sleep(0.05)
+            await rw.rename(view, b"/rs/.f.XXXX", b"/rs/f")
+            assert not await rw.stale(view, b"/rs/f")  # the rename re-read it
+            # mknod + lstatnslist, pwrite + lstat, chmod, lchown, utimens, rename +
+            # lstatnslist: no lchown at create (already root's), no lstat after a setattr
+            assert calls == 9, " ".join(names)  # was 16
+            await rw.create(view, b"/rs/g", 0o644)
+            await trio.sleep(0.05)
+            await rw.chmod(view, b"/rs/g", 0o600)
+            await rw.utimens(view, b"/rs/g", None, 1_400_000_000_555_555_555)
+            await rw.chmod(view, b"/rs", 0o700)  # a directory, through its parent
+            calls = 0
+            mine = await rw.getattr(view, b"/rs/g")
+            assert calls == 1 and not await rw.stale(view, b"/rs/g")  # one lstatnslist
+        finally:
+            del session.call
+        fresh = RwGuestTree(session, ino_salt=b"restore")
+        fview = await fresh.volume_view(vname)
+        for path in (b"/rs", b"/rs/f", b"/rs/g"):
+            mine = await rw.getattr(view, path)
+            theirs = await fresh.getattr(fview, path)
+            assert mine == dataclasses.replace(theirs, atime_ns=mine.atime_ns), path
+        theirs = await fresh.getattr(fview, b"/rs/f")
+        assert (theirs.uid, theirs.gid, stat.S_IMODE(theirs.mode)) == (1234, 4321, 0o640)
+        assert theirs.mtime_ns // 1_000_000_000 == 1_500_000_000
+        g = await fresh.getattr(fview, b"/rs/g")
+        assert g.mtime_ns // 1_000_000_000 == 1_400_000_000 and stat.S_IMODE(g.mode) == 0o600
+        # what a listing shows is re-read as well
+        await trio.sleep(0.05)
+        await rw.chmod(view, b"/rs/g", 0o604)
+        assert await rw.stale(view, b"/rs/g")
+        listed = {e.name: e.stat for e in await rw.listdir(view, b"/rs")}
+        fresh = RwGuestTree(session, ino_salt=b"restore")
+        theirs = await fresh.getattr(await fresh.volume_view(vname), b"/rs/g")
+        assert stat.S_IMODE(theirs.mode) == 0o604
+        assert listed[b"g"] == dataclasses.replace(theirs, atime_ns=listed[b"g"].atime_ns)
 
 
 async def test_cache_is_exact(rw: RwGuestTree, session: GuestSession) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -50,7 +51,27 @@ def _source_tree(root: Path) -> None:
     os.utime(root / "data.bin", ns=(1_600_000_000_111_111_111, 1_500_000_000_222_222_222))
 
 
-def _scenario(src: Path, mnt: Path) -> None:
+def _setattr_then_stat(files: Path) -> os.stat_result:
+    """chmod, utime and rename make no lstat in the appliance (the tree derives the result);
+    what stat shows right after must still be the guest's own (ctime included: pauses make
+    each change's ctime differ), checked against debugfs after the unmount."""
+    path = files / ".st.XXXX"
+    path.write_bytes(b"x")
+    time.sleep(0.05)
+    os.chmod(path, 0o600)
+    st = os.lstat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    time.sleep(0.05)
+    os.utime(path, ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    time.sleep(0.05)
+    os.chmod(path, 0o640)
+    after_chmod = os.lstat(path)
+    assert after_chmod.st_ctime_ns > st.st_ctime_ns
+    os.rename(path, files / "st")
+    return os.lstat(files / "st")
+
+
+def _scenario(src: Path, mnt: Path) -> os.stat_result:
     files = mnt / "r1" / "files"
     # listing the restore disk launches nothing; files/ does
     assert sorted(os.listdir(mnt / "r1")) == ["disk.img", "files", "restore.json",
@@ -80,6 +101,7 @@ def _scenario(src: Path, mnt: Path) -> None:
     _run("rm", "-r", files / "rs" / "etc")
     assert sorted(os.listdir(files / "rs")) == [
         "conf-link", "data.bin", "empty", "empty-hard"]
+    return _setattr_then_stat(files)
 
 
 async def test_cp_and_rsync_into_files(tmp_path: Path) -> None:
@@ -122,7 +144,7 @@ async def test_cp_and_rsync_into_files(tmp_path: Path) -> None:
         try:
             nursery.start_soon(serve)
             # Everything touching the mount runs in a worker thread: the loop serves FUSE.
-            await trio.to_thread.run_sync(_scenario, src, mnt)
+            seen = await trio.to_thread.run_sync(_scenario, src, mnt)
         finally:
             with trio.CancelScope(shield=True):
                 pyfuse3.terminate()
@@ -141,3 +163,10 @@ async def test_cp_and_rsync_into_files(tmp_path: Path) -> None:
     assert cat == (src / "data.bin").read_bytes()
     assert _run("debugfs", "-R", "cat /cp/etc/app/app.conf", check).stdout == "key = restored\n"
     assert "Type: regular" in _run("debugfs", "-R", "stat /cp/etc/moved", check).stdout
+    guest = _run("debugfs", "-R", "stat /st", check).stdout
+    assert "Mode:  0640" in guest and "mtime: 0x59682f00" in guest, guest
+    ctime = re.search(r"ctime: 0x([0-9a-f]+)(?::([0-9a-f]+))?", guest)
+    assert ctime is not None, guest
+    extra_ns = int(ctime[2], 16) >> 2 if ctime[2] else 0  # nsec << 2 (256-byte inodes)
+    assert seen.st_ctime_ns == int(ctime[1], 16) * 1_000_000_000 + extra_ns
+    assert stat.S_IMODE(seen.st_mode) == 0o640 and seen.st_mtime_ns == 1_500_000_000 * 10**9
