@@ -1094,7 +1094,9 @@ class RwGuestTree(GuestTree):
                     log.error("guestfs %s: sync/unmount at close failed: %s",
                               self.session.name, exc.message)
                 else:
-                    log.info("guestfs %s: synced and unmounted in %.1f s",
-                             self.session.name, time.monotonic() - started)
+                    log.info("guestfs %s: synced and unmounted in %.1f s (derived attributes "
+                             "%d, stale entries re-read %d times)", self.session.name,
+                             time.monotonic() - started, self.stats["derived"],
+                             self.stats["refreshes"])
             self._closed = True
             await self.session.aclose()
