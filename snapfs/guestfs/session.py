@@ -67,6 +67,19 @@ class _KvmVerdict:
 _VERDICT_MAX_AGE_S = 7 * 24 * 3600
 
 
+def drive_label(index: int) -> str:
+    """The libguestfs label of the snapshot's ``index``-th drive (list_disk_labels).
+
+    Labels may only hold ASCII letters: "da", "db", … "dz", "dba", …
+    """
+    letters = ""
+    while True:
+        index, digit = divmod(index, 26)
+        letters = chr(ord("a") + digit) + letters
+        if index == 0:
+            return "d" + letters
+
+
 def verdict_path() -> Path:
     base = os.environ.get("SNAPFS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "snapfs"
@@ -334,8 +347,10 @@ class GuestSession:
                     g.set_backend_settings(["force_tcg"])
                 if settings.debug:
                     _route_events(g, self.name)
-                for disk_name, sock in self.disks:
-                    # For the nbd protocol the "filename" is the export name.
+                for index, (disk_name, sock) in enumerate(self.disks):
+                    # For the nbd protocol the "filename" is the export name. The label
+                    # ties the appliance's device to this drive: the appliance scans its
+                    # SCSI disks asynchronously, so /dev/sdX order is not drive order.
                     g.add_drive_opts(
                         self.export_names.get(disk_name, ""),
                         format="raw",
@@ -343,6 +358,7 @@ class GuestSession:
                         server=[f"unix:{sock}"],
                         readonly=self.readonly,
                         name=disk_name,
+                        label=drive_label(index),
                     )
             except BaseException:
                 g.close()

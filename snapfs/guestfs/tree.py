@@ -36,7 +36,7 @@ from snapfs.errors import GuestfsError, IsADirectory, NotADirectory, NotFound, S
 from . import extents as ext_mod
 from . import walker
 from .model import DirEntry, Extent, GuestStat, ReadRaw, View, Volume, derive_ino
-from .session import GuestSession, LaunchState
+from .session import GuestSession, LaunchState, drive_label
 from .shell import (
     STAT_FORMAT,
     parse_getfattr,
@@ -110,6 +110,7 @@ class GuestTree:
         # Volumes whose whole tree is being (or was) fetched in the background.
         self._tree_prefetch: dict[int, trio.Event] = {}
         self._xattr_prefetch: dict[int, trio.Event] = {}  # the walker's second pass
+        self._walk_listings: dict[int, dict[bytes, _Dir]] = {}  # what the first pass listed
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
         # the subtrees fetched completely, and those tried (fetched at most once).
         self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
@@ -137,7 +138,7 @@ class GuestTree:
         return found
 
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
-        devices: list[str] = list(g.list_devices())
+        devices = self._devices_in_drive_order(g)
         filesystems = self._simple_filesystems(g, devices)
         if filesystems is None:
             filesystems = g.list_filesystems()
@@ -197,6 +198,27 @@ class GuestTree:
             else "no OS found",
         )
         return _Discovery(devices, volumes, os_mounts)
+
+    def _devices_in_drive_order(self, g: Any) -> list[str]:
+        """The appliance devices of the session's drives, in drive order (by their labels).
+
+        The appliance scans its disks asynchronously: /dev/sdX names can come in another
+        order than the drives were added (seen here: a volume named after the wrong disk,
+        and the appliance's own disk listed among the user's).
+        """
+        labels: dict[str, str] = g.list_disk_labels()
+        count = len(self.session.disks)
+        try:
+            return [labels[drive_label(i)] for i in range(count)]
+        except KeyError:
+            found: list[str] = list(g.list_devices())
+            log.warning(
+                "guestfs %s: drive labels missing (%s): assuming device order %s",
+                self.session.name,
+                labels,
+                found,
+            )
+            return found[:count]
 
     def _simple_filesystems(self, g: Any, devices: list[str]) -> dict[str, str] | None:
         """``list_filesystems`` for plain layouts, from one ``blkid`` run; None otherwise.
@@ -493,10 +515,10 @@ class GuestTree:
             # appliance, even after it was shut down for idleness.
             await self._devmap(vol, launch=False)
         if kind == "walk":
-            # Extended attributes in a second pass: they double the walk's cost under TCG
-            # and most readers (rsync -a, cp, find) never ask for them.
-            done = self._xattr_prefetch[vol.index] = trio.Event()
-            trio.lowlevel.spawn_system_task(self._prefetch_xattrs, vol, listings, done)
+            # Extended attributes come in a second pass, started by the first request for
+            # one: they double the walk's cost under TCG, and most readers (rsync -a, cp,
+            # find) never ask for them; a pass nobody needs would take a CPU from them.
+            self._walk_listings[vol.index] = listings
 
     def _apply_walk(
         self, vol: Volume, entries: list[walker.WalkEntry], with_extents: bool
@@ -752,8 +774,14 @@ class GuestTree:
             if pending is not None and not pending.is_set():
                 await pending.wait()  # the whole volume's xattrs are on their way
             if not listing.xattrs_known:
+                # This directory now (one call), then the rest of the volume in the
+                # background: a reader of xattrs (rsync -X, getfattr -R) moves on to others.
                 listing.xattrs = await self._fetch_dir_xattrs(vol, parent, listing)
                 listing.xattrs_known = True
+                walked = self._walk_listings.get(vol.index)
+                if walked is not None and vol.index not in self._xattr_prefetch:
+                    done = self._xattr_prefetch[vol.index] = trio.Event()
+                    trio.lowlevel.spawn_system_task(self._prefetch_xattrs, vol, walked, done)
         return listing.xattrs.get(name, {})
 
     async def _fetch_dir_xattrs(

@@ -59,13 +59,24 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
     """One blkid run stands in for list_filesystems on plain layouts, with the same answer;
     LVM and btrfs send discovery to list_filesystems."""
 
+    def simple_settled(g, devs):  # type: ignore[no-untyped-def]
+        # blkid can race the appliance's udev probing (a partition without TYPE for a
+        # moment): the product then falls back to list_filesystems; here, settle and retry.
+        for _ in range(3):
+            found = tree._simple_filesystems(g, devs)
+            if found is not None:
+                return found
+            g.debug("sh", ["udevadm settle; true"])
+        return None
+
     def compare(g, _state):  # type: ignore[no-untyped-def]
-        devices = list(g.list_devices())
+        devices = tree._devices_in_drive_order(g)
+        assert sorted(devices) == sorted(g.list_devices())  # labels name every user disk
         full = g.list_filesystems()
         by_disk = {}
         for dev in devices:
             by_disk[dev] = (
-                tree._simple_filesystems(g, [dev]),
+                simple_settled(g, [dev]),
                 {k: v for k, v in full.items() if k.rstrip("0123456789") == dev},
                 g.debug("sh", [f"blkid -c /dev/null -o export -s TYPE -s PTTYPE {dev}*; true"]),
             )
