@@ -474,19 +474,15 @@ def case(group: str) -> Callable[[CaseFn], CaseFn]:
     return register
 
 
-def timed_runs(
-    bench: Bench, fx: DiskFixture, tool: str, path: Path, work: Callable[[], float]
-) -> tuple[list[float], list[dict[str, int]]]:
-    """``--runs`` runs of ``work``, each on an evicted ``path`` with a warm image."""
-    times: list[float] = []
-    ios: list[dict[str, int]] = []
+def timed_run(
+    fx: DiskFixture, tool: str, path: Path, work: Callable[[], float]
+) -> tuple[float, dict[str, int]]:
+    """One run of ``work`` on an evicted ``path`` with a warm image."""
     pid = fx.daemon_pid(tool)
-    for _ in range(bench.opts.runs):
-        fx.evict(path)
-        before = proc_io(pid)
-        times.append(work())
-        ios.append(io_delta(before, proc_io(pid)))
-    return times, ios
+    fx.evict(path)
+    before = proc_io(pid)
+    elapsed = work()
+    return elapsed, io_delta(before, proc_io(pid))
 
 
 def fuse_request_stats(ios: list[dict[str, int]]) -> dict[str, float]:
@@ -509,12 +505,22 @@ def compare(
     """Measure each tool on the same work; set ratios (snapfs ÷ tool) and targets met."""
     fx = bench.disk()
     rows: dict[str, Row] = {}
-    for tool, (path, fn) in tools.items():
-        with contextlib.ExitStack() as scope:
-            if setup and tool in setup:
-                scope.callback(setup[tool]())
-            times, ios = timed_runs(bench, fx, tool.split()[0], path, functools.partial(fn, path))
-        rows[tool] = Row("disk", case_name, tool, nbytes, times, extra=fuse_request_stats(ios))
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
+    ios: dict[str, list[dict[str, int]]] = {tool: [] for tool in tools}
+    # Runs interleaved (snapfs, nbdfuse, …, snapfs, nbdfuse, …): on a shared machine the
+    # load drifts, and back-to-back runs of one tool would each see a different machine.
+    for _ in range(bench.opts.runs):
+        for tool, (path, fn) in tools.items():
+            with contextlib.ExitStack() as scope:
+                if setup and tool in setup:
+                    scope.callback(setup[tool]())
+                elapsed, io = timed_run(fx, tool.split()[0], path, functools.partial(fn, path))
+            times[tool].append(elapsed)
+            ios[tool].append(io)
+    for tool in tools:
+        rows[tool] = Row(
+            "disk", case_name, tool, nbytes, times[tool], extra=fuse_request_stats(ios[tool])
+        )
     snap = rows["snapfs"]
     for tool, row in rows.items():
         if tool == "snapfs":
