@@ -2,7 +2,9 @@
 
 One ``sshd -D -e -f CONFIG`` in the foreground on 127.0.0.1 and a free port, with a
 throw-away host key and a throw-away client key authorized for root (``UsePAM no``,
-``StrictModes no``: the keys live in a temporary directory, not in ``~root/.ssh``).
+``StrictModes no``: the keys live in a temporary directory, not in ``~root/.ssh``). The
+one thing made outside that directory is ``/run/sshd``, sshd's compiled-in privilege
+separation directory (empty; Debian's service creates it at boot), left in place.
 
 libvirt runs the ``ssh`` client itself. With ``no_verify=1`` that client would record the
 host key in ``~root/.ssh/known_hosts``; the URIs made here name an ``ssh`` wrapper
