@@ -23,6 +23,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
@@ -155,3 +156,48 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
         while proc.poll() is None:
             await trio.sleep(0.02)
     return proc.poll() is not None
+
+
+# -- nbdkit relays ---------------------------------------------------------------------------
+#
+# A guest appliance (libguestfs 1.48) attaches NBD exports over plain unix sockets only. An
+# export of a TCP server, usually with TLS (a remote libvirt pull-mode job), is attached
+# through a relay: ``nbdkit nbd`` listening on a private unix socket and forwarding each
+# client's connection to the upstream URI (a new upstream connection per client, opened when
+# the client connects). Read-only. Started exactly like qemu-nbd above (socket activation,
+# ``setpriv --pdeathsig TERM`` from the loop thread), so it dies with the daemon too.
+
+# TLS settings libnbd reads from a URI query only when the handle allows local files (nbdkit's
+# nbd plugin does not): they become plugin parameters instead.
+_RELAY_QUERY_PARAMS = {"tls-certificates": "tls-certificates", "tls-psk-file": "tls-psk"}
+
+
+def relay_plugin_args(uri: str) -> list[str]:
+    """``nbdkit nbd`` parameters that connect to ``uri`` with its TLS settings."""
+    parts = urlsplit(uri)
+    args: list[str] = []
+    kept: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _RELAY_QUERY_PARAMS:
+            args.append(f"{_RELAY_QUERY_PARAMS[key]}={value}")
+        else:
+            kept.append((key, value))
+    if parts.scheme.startswith("nbds"):
+        args.insert(0, "tls=require")
+    upstream = urlunsplit(parts._replace(query=urlencode(kept)))
+    return [f"uri={upstream}", *args]
+
+
+class NbdkitRelay(QemuNbdServer):
+    """An ``nbdkit nbd`` child process relaying ``uri`` to ``socket_path`` (read-only)."""
+
+    def __init__(self, uri: str, socket_path: Path) -> None:
+        display = urlunsplit(urlsplit(uri)._replace(query=""))
+        super().__init__(ServerSpec(image=Path(display), format="raw", socket_path=socket_path))
+        self.uri = uri
+
+    def command(self) -> list[str]:
+        return ["nbdkit", "--foreground", "--readonly", "nbd", *relay_plugin_args(self.uri)]
+
+    def failure_reason(self) -> str:
+        return "nbdkit relay" + super().failure_reason().removeprefix("qemu-nbd")
