@@ -47,9 +47,10 @@ def _socket_of(export: DiskExport) -> tuple[str, str] | None:
     """(unix socket, export name) a guest appliance can attach to, or None."""
     if export.uri is None:
         return str(export.socket_path), ""
+    if export.needs_relay:
+        # TCP/TLS exports: through a local nbdkit relay (started by ``GuestContext._acquire``).
+        return str(export.relay_socket_path), ""
     parts = urlsplit(export.uri)
-    if parts.scheme != "nbd+unix":
-        return None  # TCP/TLS exports: the appliance would need its own TLS set-up
     sockets = parse_qs(parts.query).get("socket")
     if not sockets:
         return None
@@ -119,11 +120,15 @@ class GuestContext:
         acquired: list[DiskExport] = []
         try:
             for export in self._exports:
-                await export.acquire()
+                if export.needs_relay:
+                    await export.acquire_relay()
+                else:
+                    await export.acquire()
                 acquired.append(export)
         except BaseException:
-            for export in acquired:
-                export.release()
+            with trio.CancelScope(shield=True):
+                for export in acquired:
+                    await self._release_one(export)
             raise
         self._acquired = True
 
@@ -131,7 +136,14 @@ class GuestContext:
         if self._acquired:
             self._acquired = False
             for export in self._exports:
-                export.release()
+                await self._release_one(export)
+
+    @staticmethod
+    async def _release_one(export: DiskExport) -> None:
+        if export.needs_relay:
+            await export.release_relay()
+        else:
+            export.release()
 
     async def aclose(self) -> None:
         if self.session is not None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import nbd
 import trio
@@ -35,7 +36,7 @@ from snapfs.errors import BackendUnavailable, SnapfsError
 from snapfs.nbd.client import ConnectionLost, NbdConnection, error_errno
 from snapfs.nbd.extents import ExtentMap, dirty_ranges, query_extents
 from snapfs.nbd.probe import bitmap_context
-from snapfs.nbd.server import QemuNbdServer, ServerSpec
+from snapfs.nbd.server import NbdkitRelay, QemuNbdServer, ServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,11 @@ class DiskExport:
         self.readonly = readonly
         self.socket_path = manager.runtime_dir / f"{key}.sock"
         self._server: QemuNbdServer | None = None
+        # The unix-socket relay of a TCP/TLS ``uri`` for a guest appliance (``acquire_relay``):
+        # up while it has users, never longer than the export's own connections.
+        self.relay_socket_path = manager.runtime_dir / f"{key}.relay.sock"
+        self._relay: NbdkitRelay | None = None
+        self._relay_users = 0
         self._conns: list[NbdConnection] = []
         self._lock = trio.Lock()
         self.extents: ExtentMap | None = None
@@ -164,6 +170,45 @@ class DiskExport:
     def release(self) -> None:
         self.users = max(0, self.users - 1)
         self.last_used = time.monotonic()
+
+    @property
+    def needs_relay(self) -> bool:
+        """An export of a server a guest appliance cannot attach itself (TCP, TLS)."""
+        if self.uri is None:
+            return False
+        parts = urlsplit(self.uri)
+        return parts.scheme != "nbd+unix" or "socket" not in parse_qs(parts.query)
+
+    async def acquire_relay(self) -> None:
+        """``acquire``, and ``relay_socket_path`` accepts connections to ``uri`` on return."""
+        assert self.uri is not None
+        await self.acquire()
+        try:
+            async with self._lock:
+                if not self._conns:
+                    raise BackendUnavailable(f"{self.uri}: stopped while starting its relay")
+                if self._relay is None or not self._relay.running:
+                    await self._stop_relay()
+                    self._relay = NbdkitRelay(self.uri, self.relay_socket_path)
+                    await self._relay.start()
+        except BaseException:
+            self.release()
+            raise
+        self._relay_users += 1
+
+    async def release_relay(self) -> None:
+        """Undo ``acquire_relay``; the last user's release stops the relay."""
+        self._relay_users = max(0, self._relay_users - 1)
+        if not self._relay_users:
+            with trio.CancelScope(shield=True):
+                async with self._lock:
+                    await self._stop_relay()
+        self.release()
+
+    async def _stop_relay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            await relay.stop()
 
     async def ensure_running(self) -> None:
         if self.running:
@@ -264,6 +309,8 @@ class DiskExport:
             self.extents = None
             self.dirty = None
         with trio.CancelScope(shield=True):
+            # The relay goes first: upstream (a job) may go away once the export is down.
+            await self._stop_relay()
             # Writes acknowledged to their writers reach the server before it goes away.
             await self._drain_writes()
         conns, self._conns = self._conns, []
