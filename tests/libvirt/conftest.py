@@ -89,13 +89,19 @@ def make_domain(conn: Any, tmp_path: Path) -> Iterator[Callable[..., TestDomain]
     before = set(_qemu_nbd_children())
     made: list[Any] = []
 
-    def make(name: str, disks: dict[str, int]) -> TestDomain:
+    def make(
+        name: str, disks: dict[str, int], sources: dict[str, Path] | None = None
+    ) -> TestDomain:
+        """``sources``: qcow2 images to use for some targets (their model is not tracked)."""
         images = {}
         for target, size in disks.items():
             image = tmp_path / f"{name}-{target}.qcow2"
-            subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
-            )
+            if sources and target in sources:
+                image = sources[target]
+            else:
+                subprocess.run(
+                    ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
+                )
             images[target] = image
         dom = conn.createXML(domain_xml(name, list(images.items())), 0)
         made.append(dom)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from snapfs.libvirt import jobs
 from snapfs.libvirt.backup import DomainBackup, backup_domain
 from snapfs.libvirt_cli import backup_command
 from tests import imaging
-from tests.fusemount import mounted, needs_fuse
+from tests.fusemount import kill_tree_check, mounted, needs_fuse
 from tests.libvirt.daemon import free_port
 
 MiB = 1 << 20
@@ -207,5 +208,98 @@ def test_live_mount_over_tcp(make_domain, libvirtd: Any, tmp_path: Path, no_sett
             assert f.read() == at_begin["vda"]
         report = json.loads((disks / "vda.extents.json").read_text())
         assert {"start": MiB, "length": 64 * KiB} in report["allocated"]
+    assert jobs.active_job(d.dom) is None
+    assert not list(tmp_path.glob("snapfs-job-*.scratch"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: children of children too)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+@needs_fuse
+def test_live_guest_files_over_tls(
+    make_domain, libvirtd: Any, tmp_path: Path, no_settings: Path
+) -> None:
+    """files/ of a remote live view: the appliance attaches the job's TLS export through a
+    local nbdkit relay; its files read back byte-exact; unmount leaves no process behind."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    payload = os.urandom(300 * KiB)
+    (tree / "etc" / "payload.bin").write_bytes(payload)
+    (tree / "hello.txt").write_text("hello from a remote guest\n")
+    fs_raw = tmp_path / "fs.raw"
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "remotefs", "-d", str(tree), str(fs_raw), "16M"],
+        check=True,
+    )
+    image = tmp_path / "remote-files-vda.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(fs_raw), str(image)],
+        check=True,
+    )
+    d = make_domain("remote-files", {"vda": 16 * MiB}, sources={"vda": image})
+    port = free_port()
+    no_settings.write_text(
+        f'[libvirt]\nnbd_port = {port}\nnbd_ports = 1\ntls_certificates = "{libvirtd.client_pki}"\n'
+        '[guestfs]\nbackend = "tcg"\n'
+    )
+    with mounted(libvirtd.tcp_uri, tmp_path / "m") as m:
+        snap = m.path / "remote-files" / "latest"
+        assert jobs.active_job(d.dom) is None
+        assert (snap / "files" / "hello.txt").read_text() == "hello from a remote guest\n"
+        assert (snap / "files" / "etc" / "payload.bin").read_bytes() == payload
+        server, _ = job_server(d.dom)
+        assert server.get("tls") == "yes" and server.get("port") == str(port)
+        below = _descendants(m.proc.pid)
+        commands = {pid: _cmdline(pid) for pid in below}
+        relays = [p for p, c in commands.items() if c and os.path.basename(c[0]) == "nbdkit"]
+        assert len(relays) == 1, commands
+        relay = commands[relays[0]]
+        assert f"uri=nbds://127.0.0.1:{port}/vda" in relay and "tls=require" in relay
+        assert f"tls-certificates={libvirtd.client_pki}" in relay and "--readonly" in relay
+        # The appliance (a qemu of the mount) is attached to the relay's unix socket.
+        appliance = [c for c in commands.values() if c and "qemu-system" in c[0]]
+        # (Through a qcow2 overlay whose backing file is the NBD drive.)
+        overlays = [
+            a.split(",")[0].removeprefix("file=")
+            for c in appliance
+            for a in c
+            if a.startswith("file=") and "overlay" in a
+        ]
+        backing = [
+            json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "-U", "--output=json", path],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+            ).get("backing-filename", "")
+            for path in overlays
+        ]
+        assert any("relay.sock" in b for b in backing), (overlays, backing)
+        assert (snap / "disks" / "vda.img").read_bytes() == fs_raw.read_bytes()
+    left = kill_tree_check(below)
+    assert not left, {p: _cmdline(p) for p in left}
     assert jobs.active_job(d.dom) is None
     assert not list(tmp_path.glob("snapfs-job-*.scratch"))
