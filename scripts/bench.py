@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -224,6 +224,28 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def start_qemu_nbd(
+    cmd: list[str], sock: Path, log: IO[bytes], scope: contextlib.ExitStack
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (a qemu-nbd on unix socket ``sock``), stopped when ``scope`` closes;
+    returns once the socket accepts connections."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    scope.callback(stop_process, proc)
+
+    def connectable() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"qemu-nbd exited with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(sock))
+            except OSError:
+                return False
+        return True
+
+    wait_for(connectable, "qemu-nbd")
+    return proc
+
+
 def fuse_unmount(mountpoint: Path) -> None:
     if not is_mounted(mountpoint):
         return
@@ -361,25 +383,12 @@ class DiskFixture:
         sock = tmp / "nbd.sock"
         qemu_log = stack.enter_context((opts.workdir / "qemu-nbd.log").open("wb"))
         # The options snapfs gives its own qemu-nbd (snapfs/nbd/server.py), on a unix socket.
-        qemu_nbd = subprocess.Popen(
+        qemu_nbd = start_qemu_nbd(
             ["qemu-nbd", "--persistent", "--shared=16", "--format=qcow2", "--cache=writeback",
              "--aio=threads", "--read-only", "--allocation-depth", f"--socket={sock}",
              str(image.qcow2)],
-            stdin=subprocess.DEVNULL, stderr=qemu_log, start_new_session=True,
+            sock, qemu_log, stack,
         )  # fmt: skip
-        stack.callback(stop_process, qemu_nbd)
-
-        def connectable() -> bool:
-            if qemu_nbd.poll() is not None:
-                raise RuntimeError(f"qemu-nbd exited with {qemu_nbd.returncode}")
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(sock))
-                except OSError:
-                    return False
-            return True
-
-        wait_for(connectable, "qemu-nbd")
 
         nbdfuse_mnt = tmp / "nbdfuse"
         nbdfuse_mnt.mkdir()
@@ -1230,23 +1239,7 @@ class WriteFixture:
         self._n += 1
         sock = self.tmp / f"nbd-{self._n}.sock"
         log = scope.enter_context((self.tmp / f"qemu-nbd-{self._n}.log").open("wb"))
-        proc = subprocess.Popen(
-            [*RESTORE_QEMU_NBD, f"--socket={sock}", str(qcow2)],
-            stdin=subprocess.DEVNULL, stderr=log, start_new_session=True,
-        )  # fmt: skip
-        scope.callback(stop_process, proc)
-
-        def connectable() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"qemu-nbd exited with {proc.returncode}")
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(sock))
-                except OSError:
-                    return False
-            return True
-
-        wait_for(connectable, "qemu-nbd")
+        proc = start_qemu_nbd([*RESTORE_QEMU_NBD, f"--socket={sock}", str(qcow2)], sock, log, scope)
         return sock, proc.pid
 
     def warm_source(self) -> None:
