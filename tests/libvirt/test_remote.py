@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from snapfs.errors import SnapfsUserError
 from snapfs.libvirt import jobs
 from snapfs.libvirt.backup import DomainBackup, backup_domain
 from snapfs.libvirt_cli import backup_command
+from snapfs.nbd.server import relay_plugin_args
 from tests import imaging
 from tests.fusemount import kill_tree_check, mounted, needs_fuse
 from tests.libvirt.daemon import free_port
@@ -303,3 +307,85 @@ def test_live_guest_files_over_tls(
     assert not left, {p: _cmdline(p) for p in left}
     assert jobs.active_job(d.dom) is None
     assert not list(tmp_path.glob("snapfs-job-*.scratch"))
+
+
+def test_relay_plugin_args() -> None:
+    assert relay_plugin_args("nbds://h.example:10809/vda?tls-certificates=/etc/pki/x") == [
+        "uri=nbds://h.example:10809/vda",
+        "tls=require",
+        "tls-certificates=/etc/pki/x",
+    ]
+    assert relay_plugin_args("nbds://backup@h:1/vdb?tls-psk-file=/k.psk") == [
+        "uri=nbds://backup@h:1/vdb",
+        "tls=require",
+        "tls-psk=/k.psk",
+    ]
+    assert relay_plugin_args("nbd://[::1]:2/sda") == ["uri=nbd://[::1]:2/sda"]
+
+
+_RELAY_CHILD = """
+import sys
+from pathlib import Path
+
+import trio
+
+from snapfs.nbd.server import NbdkitRelay
+
+
+async def main() -> None:
+    relay = NbdkitRelay(sys.argv[1], Path(sys.argv[2]))
+    await relay.start()
+    print(relay.pid, flush=True)
+    await trio.sleep(600)
+
+
+trio.run(main)
+"""
+
+
+def test_relay_reads_and_dies_with_its_daemon(tmp_path: Path) -> None:
+    """A relay of a TCP export (a qemu-nbd of this test) reads the upstream's bytes, is
+    read-only, and goes away when the process that started it is killed with SIGKILL.
+
+    (nbdkit 1.32 also sets PR_SET_PDEATHSIG itself, strace shows: this checks the property,
+    not which of the two parent-death signals delivers it.)"""
+    data = os.urandom(MiB)
+    image = tmp_path / "upstream.raw"
+    image.write_bytes(data)
+    port = free_port()
+    serve = ["qemu-nbd", "--persistent", "-r", "-f", "raw", "-b", "127.0.0.1", "-p", str(port)]
+    upstream = subprocess.Popen([*serve, "-x", "vda", str(image)], stderr=subprocess.DEVNULL)
+    sock = tmp_path / "r.relay.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RELAY_CHILD, f"nbd://127.0.0.1:{port}/vda", str(sock)],
+        stdout=subprocess.PIPE,
+    )
+    relay_pid = 0
+    try:
+        assert child.stdout is not None
+        relay_pid = int(child.stdout.readline())
+        h = nbd.NBD()
+        for _ in range(100):  # qemu-nbd may still be binding its port
+            try:
+                h.connect_unix(str(sock))
+                break
+            except nbd.Error:
+                h = nbd.NBD()
+                time.sleep(0.05)
+        # (By now bash and setpriv have exec'd nbdkit.)
+        assert os.path.basename(_cmdline(relay_pid)[0]) == "nbdkit"
+        assert h.get_size() == MiB and h.is_read_only()
+        assert h.pread(MiB, 0) == data
+        h.shutdown()
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while kill_tree_check([relay_pid]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not kill_tree_check([relay_pid]), "the relay outlived its daemon"
+    finally:
+        for proc in (child, upstream):
+            proc.kill()
+            proc.wait()
+        if relay_pid and kill_tree_check([relay_pid]):
+            os.kill(relay_pid, signal.SIGKILL)
