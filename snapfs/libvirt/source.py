@@ -13,8 +13,9 @@ domain when the catalog is loaded (``[libvirt] nbd_port`` plus the domain's inde
 order), ``nbds://`` unless ``[libvirt] tls = false``; the plan (port → domain uuid) is kept
 in ``<runtime dir>/tcp-ports.json``. ``ExportManager.prepare_uri`` calls
 ``LiveJobs.prepare`` with such a URI before connecting. Settings come from the default
-settings file (``snapfs.config.load_settings``). Guest files (``files/``) need a unix
-socket the appliance can attach to: remote live views show disks only.
+settings file (``snapfs.config.load_settings``). Guest files (``files/``) of a remote
+daemon's jobs reach the appliance through a local nbdkit relay per disk
+(``DiskExport.acquire_relay``): the appliance attaches to unix sockets only.
 
 Point in time: a job shows the disks as they were when it began. A job ended when idle and
 started again later shows a later point in time (see the lead's notes on caching).
