@@ -452,9 +452,12 @@ class DomainBackup:
     def copy(self, progress: Progress | None = None) -> None:
         """Copy every disk into the work directory (ranges known first: totals for bars)."""
         assert self.job is not None
-        self._work, snap_dir = self._make_work_dir()
-        disks_dir = snap_dir / repo.DISKS_DIR
-        disks_dir.mkdir(parents=True)
+        try:
+            self._work, snap_dir = self._make_work_dir()
+            disks_dir = snap_dir / repo.DISKS_DIR
+            disks_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise BackupError(f"{self.name}: cannot write into {self.root}: {exc}") from None
         sources = {}
         try:
             for plan in self.disks:
@@ -518,6 +521,7 @@ class DomainBackup:
             work = vms_dir / f"{repo.TEMP_PREFIX}{self.vm_id}-{secrets.token_hex(4)}"
             self._final = vms_dir / self.vm_id
             snap_dir = work / repo.SNAPSHOTS_DIR / self.snapshot_id
+            self._work = work  # removed by _abandon from here on
             snap_dir.mkdir(parents=True)
             writer._dump_json(work / repo.VM_FILE, {"id": self.vm_id, "name": self.name})
         else:
@@ -525,6 +529,7 @@ class DomainBackup:
             work = self.vm.vm_dir / repo.SNAPSHOTS_DIR / f"{repo.TEMP_PREFIX}{self.snapshot_id}"
             self._final = self.vm.vm_dir / repo.SNAPSHOTS_DIR / self.snapshot_id
             snap_dir = work
+            self._work = work
             snap_dir.mkdir()
         return work, snap_dir
 
@@ -532,7 +537,25 @@ class DomainBackup:
     def commit(self) -> BackupResult:
         """End the job, write the metadata and rename the snapshot into place."""
         assert self.job is not None and self._work is not None
+        lost = jobs.lost_connection(self.dom)
+        if lost is not None:
+            # The copy is complete (QEMU serves the export without libvirtd), but the job
+            # cannot be ended nor the checkpoint trusted: fail; the next run sweeps both.
+            raise BackupError(
+                f"{self.name}: lost the connection to libvirt ({lost}): the backup job cannot "
+                "be ended; nothing was added (the next backup ends the job and deletes its "
+                "checkpoint)"
+            )
         self.job.end()
+        try:
+            return self._write_and_rename()
+        except OSError as exc:
+            raise BackupError(
+                f"{self.name}: writing the snapshot into {self.root} failed: {exc}"
+            ) from None
+
+    def _write_and_rename(self) -> BackupResult:
+        assert self._work is not None
         snap_dir = self._snap_dir
         (snap_dir / CONFIG_FILE).write_text(self.domain_xml, encoding="utf-8")
         parent_id = (

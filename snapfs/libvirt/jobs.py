@@ -254,6 +254,17 @@ def active_job(dom: Any) -> str | None:
     return str(operation)
 
 
+def lost_connection(dom: Any) -> str | None:
+    """Why the connection behind ``dom`` no longer answers (libvirtd died or was restarted),
+    or None when it does. ``active_job`` and ``PullJob.end`` cannot tell a job that ended
+    from a daemon that is gone; a backup asks this before it commits."""
+    try:
+        dom.connect().getLibVersion()
+    except libvirt.libvirtError as exc:
+        return error_text(exc)
+    return None
+
+
 def checkpoint_exists(dom: Any, name: str) -> bool:
     try:
         dom.checkpointLookupByName(name)
@@ -624,9 +635,8 @@ def end_stale_job(dom: Any) -> str | None:
             return None  # started from another machine: its pid means nothing here
     if owner is not None and _pid_alive(owner):
         return None
-    message = (
-        f"ended the backup job a snapfs process (pid {owner}, gone) left on domain {_name(dom)}"
-    )
+    who = f"pid {owner}, gone" if owner is not None else "its job directory is gone"
+    message = f"ended the backup job a snapfs process ({who}) left on domain {_name(dom)}"
     log.warning("%s", message)
     try:
         abort_job(dom)
