@@ -155,6 +155,12 @@ class LibvirtDaemon:
             'auth_tcp = "none"\n'
             f'log_outputs = "3:file:{d}/libvirtd.log"\n'
         )
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start libvirtd on the prepared directories and wait until it answers."""
+        d = self.dir
+        conf = d / "libvirtd.conf"
         script = (
             f"mount --bind {d}/etc /etc/libvirt && "
             f"mount --bind {d}/run /run/libvirt && "
@@ -186,7 +192,7 @@ class LibvirtDaemon:
                 script,
             ],
             stdin=subprocess.DEVNULL,
-            stdout=open(d / "stdout.log", "wb"),
+            stdout=open(d / "stdout.log", "ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -203,6 +209,24 @@ class LibvirtDaemon:
                     pass
             time.sleep(0.05)
         raise RuntimeError(f"libvirtd did not come up: {self.log_tail()}")
+
+    def libvirtd_pid(self) -> int:
+        return int((self.dir / "libvirtd.pid").read_text().strip())
+
+    def kill(self) -> None:
+        """SIGKILL libvirtd alone (its domains' QEMU processes keep running, as after a crash
+        of the daemon) and wait until it is gone."""
+        assert self._proc is not None
+        os.kill(self.libvirtd_pid(), signal.SIGKILL)
+        self._proc.wait(30)  # tini exits with its child; QEMU is reparented
+
+    def restart(self) -> None:
+        """Start libvirtd again after ``kill``, on the same directories: it reconnects to the
+        QEMU processes still running (their monitor sockets and status XML are there)."""
+        assert self._proc is not None and self._proc.poll() is not None
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "sock" / "libvirt-sock").unlink()
+        self._launch()
 
     def log_tail(self, lines: int = 20) -> str:
         text = ""
