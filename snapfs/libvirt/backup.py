@@ -32,7 +32,11 @@ helpers for it: the lock, the VM lookup, ids and names, fsync): everything is wr
 ``.tmp-*`` work directory at the final depth, fsynced, and renamed into place last. Any
 failure or interrupt (Ctrl-C, libvirt gone, an NBD error, a full disk) removes the work
 directory, ends the job (which removes libvirt's scratch files and socket), and deletes the
-checkpoint created with it; the previous checkpoint stays, so the next run works.
+checkpoint created with it; the previous checkpoint stays, so the next run works. When
+libvirt is gone (libvirtd killed: QEMU keeps serving the export, the copy completes), the
+commit refuses: the job cannot be ended; the next run's sweep ends it and deletes the
+checkpoint once libvirtd is back. ``OSError`` writing the repository (ENOSPC) is a
+``BackupError``.
 
 libvirt facts go into ``libvirt.json`` in the snapshot directory, which the repository
 loader ignores: domain uuid and name, the checkpoint created with the backup (the base of
