@@ -109,8 +109,7 @@ class GuestTree:
         self._devmap_failed: dict[int, float] = {}  # volume → when mapping it last failed
         # Volumes whose whole tree is being (or was) fetched in the background.
         self._tree_prefetch: dict[int, trio.Event] = {}
-        self._xattr_prefetch: dict[int, trio.Event] = {}  # the walker's xattr pass
-        self._extent_prefetch: dict[int, trio.Event] = {}  # the walker's extent pass
+        self._xattr_prefetch: dict[int, trio.Event] = {}  # the walker's second pass
         self._walk_listings: dict[int, dict[bytes, _Dir]] = {}  # what the first pass listed
         # Extent maps fetched a subtree at a time: volume → guest inode → (size, extents);
         # the subtrees fetched completely, and those tried (fetched at most once).
@@ -124,7 +123,6 @@ class GuestTree:
             "dir_fetches": 0,
             "walker_passes": 0,  # whole-volume listings by the walker (not the shell)
             "xattr_passes": 0,
-            "extent_passes": 0,
         }
 
     # -- discovery -----------------------------------------------------------------------------
@@ -418,15 +416,14 @@ class GuestTree:
 
     async def _prefetch_in_background(self, vol: Volume, done: trio.Event) -> None:
         try:
-            await self._prefetch_tree(vol, done)
+            await self._prefetch_tree(vol)
         except Exception:  # a background helper must never take the mount down
             log.exception("guestfs %s: tree prefetch of %s failed", self.session.name, vol.name)
         finally:
             done.set()
 
-    async def _prefetch_tree(self, vol: Volume, listed: trio.Event) -> None:
-        """Fill the listing cache for every directory of ``vol`` from one appliance call
-        (``listed`` is set when the listings are in), then bring the extent maps."""
+    async def _prefetch_tree(self, vol: Volume) -> None:
+        """Fill the listing cache for every directory of ``vol`` from one appliance call."""
         started = time.monotonic()
         binary = await trio.to_thread.run_sync(walker.walker_binary)
         with_extents = self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES
@@ -436,10 +433,8 @@ class GuestTree:
             if binary is not None:
                 try:
                     walker.install(g, state, binary)
-                    # Stats only: the extents (FIEMAP: an open, an ioctl and a close per
-                    # file) follow in a second pass, while readers already list (rsync
-                    # builds its file list meanwhile).
-                    script = walker.walk_script(b"/sysroot" + mp.encode(), TREE_BATCH, 0)
+                    what = walker.WANT_EXTENTS if with_extents else 0
+                    script = walker.walk_script(b"/sysroot" + mp.encode(), TREE_BATCH, what)
                     status, out = run_script(g, state, script)
                 except RuntimeError as exc:
                     status, out = -1, str(exc).encode()
@@ -494,7 +489,7 @@ class GuestTree:
         kind, out = result
         try:
             if kind == "walk":
-                listings = self._apply_walk(vol, walker.parse_walk(out), False)
+                listings = self._apply_walk(vol, walker.parse_walk(out), with_extents)
             else:
                 listings = self._parse_tree(vol, out)
         except ValueError as exc:
@@ -515,16 +510,6 @@ class GuestTree:
             time.monotonic() - started,
             "walker" if kind == "walk" else "shell",
         )
-        extents_pass = kind == "walk" and with_extents
-        if extents_pass:
-            # Readers of file data wait for this instead of fetching extents themselves.
-            self._extent_prefetch[vol.index] = extents_done = trio.Event()
-        listed.set()
-        if extents_pass:
-            try:
-                await self._prefetch_extents(vol, started)
-            finally:
-                extents_done.set()
         if with_extents:
             # The device map too, while the appliance is up: mapped reads then need no
             # appliance, even after it was shut down for idleness.
@@ -534,32 +519,6 @@ class GuestTree:
             # one: they double the walk's cost under TCG, and most readers (rsync -a, cp,
             # find) never ask for them; a pass nobody needs would take a CPU from them.
             self._walk_listings[vol.index] = listings
-
-    async def _prefetch_extents(self, vol: Volume, started: float) -> None:
-        """The walker's extent pass: FIEMAP of every non-empty regular file of ``vol``."""
-
-        def fetch(g: Any, state: LaunchState) -> bytes | None:
-            mp = self._mount_sync(g, state, vol)
-            script = walker.walk_script(b"/sysroot" + mp.encode(), TREE_BATCH, walker.WANT_EXTENTS)
-            status, out = run_script(g, state, script)
-            return out if status == 0 else None
-
-        try:
-            out = await self.session.call(fetch, launch=False)
-            if out is None:
-                log.info("guestfs %s: no extent pass over %s", self.session.name, vol.name)
-                return
-            self._apply_walk(vol, walker.parse_walk(out), True)
-        except (SnapfsError, ValueError) as exc:
-            log.info("guestfs %s: no extent pass over %s: %s", self.session.name, vol.name, exc)
-            return
-        self.stats["extent_passes"] += 1
-        log.info(
-            "guestfs %s: extent maps of %s in one pass (%.1f s after the listing started)",
-            self.session.name,
-            vol.name,
-            time.monotonic() - started,
-        )
 
     def _apply_walk(
         self, vol: Volume, entries: list[walker.WalkEntry], with_extents: bool
@@ -904,9 +863,9 @@ class GuestTree:
 
     async def _extents_of(self, vol: Volume, parent: bytes, st: GuestStat) -> list[Extent] | None:
         """The file's extents: from a subtree batch when one covers it, else per directory."""
-        for pending in (self._tree_prefetch.get(vol.index), self._extent_prefetch.get(vol.index)):
-            if pending is not None and not pending.is_set():
-                await pending.wait()  # they bring the extent maps of the whole volume
+        prefetching = self._tree_prefetch.get(vol.index)
+        if prefetching is not None and not prefetching.is_set():
+            await prefetching.wait()  # it brings the extent maps of the whole volume too
         known = self._subtree_extents.setdefault(vol.index, {})
         covered = self._subtree_done.setdefault(vol.index, set())
         tried = self._subtree_tried.setdefault(vol.index, set())
