@@ -76,7 +76,7 @@ from .model import DirEntry, GuestStat, View, Volume
 from .session import GuestSession, LaunchState
 from .settings import GuestfsSettings
 from .shell import sh_bytes
-from .tree import GuestTree, _Dir, _join, _split
+from .tree import GuestTree, _btrfs_subvolume, _Dir, _join, _split
 
 if TYPE_CHECKING:
     from .pool import AppliancePool
@@ -241,37 +241,20 @@ class RwGuestTree(GuestTree):
 
     # -- mounting read-write -------------------------------------------------------------------
 
-    def _mount_sync(self, g: Any, state: LaunchState, vol: Volume) -> str:
-        mp = f"/v/{vol.index}"
-        if mp in state.mounted:
-            err = state.mounted[mp]
-            if err is not None:
-                raise GuestfsError(err, errno=errno.EIO)
-            return mp
-        if "/v" not in state.mounted:
-            g.mkmountpoint("/v")
-            state.mounted["/v"] = None
-        g.mkmountpoint(mp)
-        options, device = "", vol.device
-        if device.startswith("btrfsvol:"):
-            dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
-            options, device = f"subvol={sub}", f"/dev/{dev}"
-        try:
-            g.mount_options(options, device, mp)
-        except RuntimeError as exc:
-            message = (
-                f"guestfs {self.session.name}: cannot mount volume {vol.name} ({vol.device}, "
-                f"{vol.fstype}) read-write: {exc}"
-            )
-            log.error("%s", message)
-            state.mounted[mp] = message
-            raise GuestfsError(message, errno=errno.EIO) from None
-        state.mounted[mp] = None
+    _MOUNT_MODE = " read-write"
+
+    def _mount_attempts(self, vol: Volume) -> list[tuple[str, str]]:
+        # Read-write, with the filesystem's own log replay: no fallbacks.
+        if vol.device.startswith("btrfsvol:"):
+            dev, sub = _btrfs_subvolume(vol.device)
+            return [(f"subvol={sub}", dev)]
+        return [("", vol.device)]
+
+    def _mounted_sync(self, g: Any, state: LaunchState) -> None:
         if self._prepared_generation != state.generation:
             # Modes are given exactly (the kernel applied the caller's umask already).
             g.umask(0)
             self._prepared_generation = state.generation
-        return mp
 
     def _apath_sync(self, g: Any, state: LaunchState, vol: Volume, vpath: bytes) -> str:
         """The appliance path of ``vpath`` for a change (mounting the volume), as str."""

@@ -296,30 +296,41 @@ class GuestTree:
             g.mkmountpoint("/v")
             state.mounted["/v"] = None
         g.mkmountpoint(mp)
-        attempts = [("ro", vol.device)]
-        device = vol.device
-        if device.startswith("btrfsvol:"):
-            dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
-            attempts = [(f"ro,subvol={sub}", f"/dev/{dev}")]
-        elif vol.fstype.startswith("ext"):
-            attempts.append(("ro,noload", device))  # journal needing recovery
-        elif vol.fstype == "xfs":
-            attempts.append(("ro,norecovery", device))  # dirty log
         errors = []
-        for options, dev in attempts:
+        for options, dev in self._mount_attempts(vol):
             try:
                 g.mount_options(options, dev, mp)
-                state.mounted[mp] = None
-                return mp
             except RuntimeError as exc:
-                errors.append(f"{options}: {exc}")
+                errors.append(f"{options}: {exc}" if options else str(exc))
+                continue
+            state.mounted[mp] = None
+            self._mounted_sync(g, state)
+            return mp
         message = (
             f"guestfs {self.session.name}: cannot mount volume {vol.name} "
-            f"({vol.device}, {vol.fstype}): {'; '.join(errors)}"
+            f"({vol.device}, {vol.fstype}){self._MOUNT_MODE}: {'; '.join(errors)}"
         )
         log.error("%s", message)
         state.mounted[mp] = message
         raise GuestfsError(message, errno=errno.EIO)
+
+    _MOUNT_MODE = ""  # said in mount errors ("read-write" for restore disks)
+
+    def _mount_attempts(self, vol: Volume) -> list[tuple[str, str]]:
+        """(mount options, device) to try in turn: read-only, then without log replay."""
+        device = vol.device
+        if device.startswith("btrfsvol:"):
+            dev, sub = _btrfs_subvolume(device)
+            return [(f"ro,subvol={sub}", dev)]
+        attempts = [("ro", device)]
+        if vol.fstype.startswith("ext"):
+            attempts.append(("ro,noload", device))  # journal needing recovery
+        elif vol.fstype == "xfs":
+            attempts.append(("ro,norecovery", device))  # dirty log
+        return attempts
+
+    def _mounted_sync(self, g: Any, state: LaunchState) -> None:
+        """After a volume was mounted in this launch (for subclasses)."""
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -1139,11 +1150,17 @@ def _join(dir_path: bytes, name: bytes) -> bytes:
     return (dir_path.rstrip(b"/") or b"") + b"/" + name
 
 
+def _btrfs_subvolume(device: str) -> tuple[str, str]:
+    """("/dev/sdb", "data/inner") of list_filesystems' "btrfsvol:/dev/sdb/data/inner"."""
+    dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
+    return f"/dev/{dev}", sub
+
+
 def _volume_name(device: str, devices: Sequence[str], disk_names: Sequence[str]) -> str:
     """vda1 for partition 1 of disk "vda"; vda for a whole-disk filesystem; vg0-root for LVs."""
     if device.startswith("btrfsvol:"):
-        dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
-        return f"{_volume_name('/dev/' + dev, devices, disk_names)}@{sub.replace('/', '_')}"
+        dev, sub = _btrfs_subvolume(device)
+        return f"{_volume_name(dev, devices, disk_names)}@{sub.replace('/', '_')}"
     for i, disk in enumerate(devices):
         if device == disk:
             return disk_names[i]
