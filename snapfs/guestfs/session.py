@@ -160,9 +160,10 @@ class GuestSession:
     """One appliance over all disks of one snapshot, each attached read-only from NBD.
 
     ``disks`` is a list of (disk name, unix socket path); each drive is labelled
-    (``drive_label``), because the appliance's /dev/sdX names need not follow drive order. ``readonly=False`` attaches them writable (a restore
-    disk's own writable qemu-nbd); the appliance root overlay still lives in the private
-    tmpdir, so the launch watchdog finds its qemu either way.
+    (``drive_label``), because the appliance's /dev/sdX names need not follow drive order.
+    ``readonly=False`` attaches them writable (a restore disk's own writable qemu-nbd); the
+    appliance root overlay still lives in the private tmpdir, so the launch watchdog finds
+    its qemu either way.
     """
 
     def __init__(

@@ -41,11 +41,16 @@ def sh_bytes(var: str, data: bytes) -> str:
     return f"{var}=$(printf '{escaped}x'); {var}=${{{var}%x}}"
 
 
-def run_script(g: Any, state: LaunchState, script: str) -> tuple[int, bytes]:
-    """Run ``script`` with /bin/sh in the appliance; its exit status and raw stdout."""
+def ensure_scratch(g: Any, state: LaunchState) -> None:
+    """Create this launch's scratch directory (once)."""
     if not state.scratch_ready:
         g.debug("sh", [f"mkdir -p {_SCRATCH_SYSROOT}"])
         state.scratch_ready = True
+
+
+def run_script(g: Any, state: LaunchState, script: str) -> tuple[int, bytes]:
+    """Run ``script`` with /bin/sh in the appliance; its exit status and raw stdout."""
+    ensure_scratch(g, state)
     wrapped = f"{{\n{script}\n}} >{_SCRATCH_SYSROOT}/out 2>{_SCRATCH_SYSROOT}/err; echo $?"
     status_text = g.debug("sh", [wrapped]).strip()
     try:

@@ -34,7 +34,7 @@ from typing import Any
 
 from .model import Extent
 from .session import LaunchState, verdict_path
-from .shell import SCRATCH, parse_stat_record, sh_bytes
+from .shell import SCRATCH, ensure_scratch, parse_stat_record, sh_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def install(g: Any, state: LaunchState, binary: Path) -> None:
     """Upload the walker into this launch's appliance (once per launch)."""
     if state.walker_ready:
         return
-    if not state.scratch_ready:
-        g.debug("sh", [f"mkdir -p /sysroot{SCRATCH}"])
-        state.scratch_ready = True
+    ensure_scratch(g, state)
     g.upload(str(binary), SCRATCH + "/walk")
     g.debug("sh", [f"chmod 0755 {APPLIANCE_PATH}"])
     state.walker_ready = True

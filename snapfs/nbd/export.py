@@ -73,7 +73,7 @@ REAP_INTERVAL_S = 5.0
 
 # Threads for writer handles, all exports together (off trio's default thread limiter, so that
 # a stream of writes does not starve other worker-thread jobs).
-_WRITER_THREADS = trio.CapacityLimiter(16)
+_WRITER_THREAD_LIMIT = trio.CapacityLimiter(16)
 
 
 def _shutdown_handle(handle: Any, image: Path) -> None:
@@ -440,7 +440,9 @@ class DiskExport:
         async with self._writer_limiter:
             handle = self._writers.pop()
             try:
-                await trio.to_thread.run_sync(handle.pwrite, data, offset, limiter=_WRITER_THREADS)
+                await trio.to_thread.run_sync(
+                    handle.pwrite, data, offset, limiter=_WRITER_THREAD_LIMIT
+                )
             except nbd.Error as exc:
                 if handle.aio_is_dead() or handle.aio_is_closed():
                     raise ConnectionLost(f"NBD writer of {self.image} died: {exc}") from exc
