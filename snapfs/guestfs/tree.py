@@ -227,6 +227,24 @@ class GuestTree:
         3-4 s under TCG on the way to the first listing. When blkid finds only plain
         filesystems (no LVM, RAID, btrfs, encryption), its answer is the same.
         """
+        # blkid runs in a shell, with the kernel's device names; the API translates its own
+        # (/dev/sda may be the kernel's sdb when the appliance scanned its disks out of
+        # order). Trust blkid only when the two agree for every drive.
+        api_names: dict[str, str] = g.list_disk_labels()  # label → the API's name
+        labels = sorted(label for label, dev in api_names.items() if dev in devices)
+        links = " ".join(f"/dev/disk/guestfs/{label}" for label in labels)
+        try:
+            kernel_names = g.debug("sh", [f"readlink -f {links}; true"]).split()
+        except (RuntimeError, UnicodeError):
+            return None
+        if len(labels) != len(devices) or kernel_names != [api_names[x] for x in labels]:
+            log.info(
+                "guestfs %s: kernel device names %s differ from the API's %s: probing",
+                self.session.name,
+                kernel_names,
+                [api_names[x] for x in labels],
+            )
+            return None
         partitions = [p for p in g.list_partitions() if p.rstrip("0123456789") in devices]
         # Straight through debug sh, not run_script: nothing is mounted yet, so the daemon
         # would refuse to read an output file. Only DEVNAME, TYPE and PTTYPE are printed
