@@ -33,8 +33,9 @@ import trio
 
 from snapfs.errors import GuestfsError, IsADirectory, NotADirectory, NotFound, SnapfsError
 
+from . import devnames, walker
 from . import extents as ext_mod
-from . import walker
+from .devnames import DeviceNames
 from .model import DirEntry, Extent, GuestStat, ReadRaw, View, Volume, derive_ino
 from .session import GuestSession, LaunchState, drive_label
 from .shell import (
@@ -77,6 +78,8 @@ class _Dir:
 @dataclass
 class _Discovery:
     devices: list[str]
+    # The appliance kernel's names for the API's (None: unknown, no device-name scripts)
+    names: DeviceNames | None
     volumes: list[Volume]
     os_mounts: dict[bytes, Volume] | None
     warnings: list[str] = field(default_factory=list)
@@ -139,7 +142,8 @@ class GuestTree:
 
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
         devices = self._devices_in_drive_order(g)
-        filesystems = self._simple_filesystems(g, devices)
+        kernel_names = devnames.probe(g, g.list_disk_labels())
+        filesystems = self._simple_filesystems(g, devices, kernel_names)
         if filesystems is None:
             filesystems = g.list_filesystems()
         names = [self.session.disk_name(i) for i in range(len(devices))]
@@ -197,7 +201,7 @@ class GuestTree:
             if os_mounts
             else "no OS found",
         )
-        return _Discovery(devices, volumes, os_mounts)
+        return _Discovery(devices, kernel_names, volumes, os_mounts)
 
     def _devices_in_drive_order(self, g: Any) -> list[str]:
         """The appliance devices of the session's drives, in drive order (by their labels).
@@ -220,7 +224,9 @@ class GuestTree:
             )
             return found[:count]
 
-    def _simple_filesystems(self, g: Any, devices: list[str]) -> dict[str, str] | None:
+    def _simple_filesystems(
+        self, g: Any, devices: list[str], names: DeviceNames | None
+    ) -> dict[str, str] | None:
         """``list_filesystems`` for plain layouts, from one ``blkid`` run; None otherwise.
 
         list_filesystems probes LVM, md, LDM and btrfs subvolumes with a process each:
@@ -229,28 +235,18 @@ class GuestTree:
         """
         # blkid runs in a shell, with the kernel's device names; the API translates its own
         # (/dev/sda may be the kernel's sdb when the appliance scanned its disks out of
-        # order). Trust blkid only when the two agree for every drive.
-        api_names: dict[str, str] = g.list_disk_labels()  # label → the API's name
-        labels = sorted(label for label, dev in api_names.items() if dev in devices)
-        links = " ".join(f"/dev/disk/guestfs/{label}" for label in labels)
-        try:
-            kernel_names = g.debug("sh", [f"readlink -f {links}; true"]).split()
-        except (RuntimeError, UnicodeError):
-            return None
-        if len(labels) != len(devices) or kernel_names != [api_names[x] for x in labels]:
-            log.info(
-                "guestfs %s: kernel device names %s differ from the API's %s: probing",
-                self.session.name,
-                kernel_names,
-                [api_names[x] for x in labels],
-            )
+        # order): blkid is given and answers kernel names, translated both ways here.
+        if names is None:
             return None
         partitions = [p for p in g.list_partitions() if p.rstrip("0123456789") in devices]
         # Straight through debug sh, not run_script: nothing is mounted yet, so the daemon
         # would refuse to read an output file. Only DEVNAME, TYPE and PTTYPE are printed
         # (ASCII; a label could be any bytes and break the binding's UTF-8 decoding).
+        kernel = [names.to_kernel(d) for d in [*devices, *partitions]]
+        if None in kernel:
+            return None
         command = " ".join(
-            ["blkid -c /dev/null -o export -s TYPE -s PTTYPE", *devices, *partitions, "; true"]
+            ["blkid -c /dev/null -o export -s TYPE -s PTTYPE", *map(str, kernel), "; true"]
         )
         try:
             out: str = g.debug("sh", [command])
@@ -260,8 +256,9 @@ class GuestTree:
         found: dict[str, dict[str, str]] = {}
         for block in out.split("\n\n"):
             fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-            if "DEVNAME" in fields:
-                found[fields["DEVNAME"]] = fields
+            api_name = names.to_api(fields.get("DEVNAME", ""))
+            if api_name is not None:
+                found[api_name] = fields
         result: dict[str, str] = {}
         with_partitions = {p.rstrip("0123456789") for p in partitions}
         for dev in [*devices, *partitions]:
@@ -995,13 +992,23 @@ class GuestTree:
 
     async def _fetch_devmap(self, vol: Volume, *, launch: bool) -> ext_mod.DeviceMap | None:
         disc = await self._discover()
-        disk_index = {d.rsplit("/", 1)[-1]: i for i, d in enumerate(disc.devices)}
+        kernel_device = disc.names.to_kernel(vol.device) if disc.names else None
+        if disc.names is None or kernel_device is None:
+            log.info(
+                "guestfs %s: no kernel device name for %s (%s): reads go through the appliance",
+                self.session.name,
+                vol.name,
+                vol.device,
+            )
+            return None
+        # The script sees kernel names: the disks are indexed by those.
+        disk_index = disc.names.kernel_disk_index(disc.devices)
 
         def fetch(g: Any, state: LaunchState) -> bytes:
             # Mounted first: the script's output is fetched with path calls, which the
             # daemon refuses while nothing is mounted (a fresh launch).
             self._mount_sync(g, state, vol)
-            return run_script(g, state, ext_mod.devmap_script(vol.device))[1]
+            return run_script(g, state, ext_mod.devmap_script(kernel_device))[1]
 
         try:
             out = await self.session.call(fetch, launch=launch)

@@ -23,6 +23,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from snapfs.errors import SnapfsUserError
 from snapfs.restore.model import RestoreDisk
@@ -88,7 +89,7 @@ def _parse(path: Path) -> _Document:
     namespaces: list[tuple[str, str]] = []
     try:
         for _event, item in ET.iterparse(io.BytesIO(raw), events=("start-ns",)):
-            prefix, uri = item  # type: ignore[misc]
+            prefix, uri = cast("tuple[str, str]", item)  # start-ns events carry a pair
             if (prefix, uri) not in namespaces:
                 namespaces.append((prefix, uri))
         # Comments and processing instructions are part of "the rest", kept verbatim.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from snapfs.errors import GuestfsError, NotFound, SnapfsError
-from snapfs.guestfs import GuestfsSettings, GuestSession, GuestTree
+from snapfs.guestfs import GuestfsSettings, GuestSession, GuestTree, devnames
 from snapfs.guestfs.session import find_qemu_pids
 
 from .conftest import BIG_SIZE, LV_FILE, RawReader
@@ -63,14 +64,17 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
         # blkid can race the appliance's udev probing (a partition without TYPE for a
         # moment): the product then falls back to list_filesystems; here, settle and retry.
         for _ in range(3):
-            found = tree._simple_filesystems(g, devs)
+            found = tree._simple_filesystems(g, devs, names)
             if found is not None:
                 return found
             g.debug("sh", ["udevadm settle; true"])
         return None
 
     def compare(g, _state):  # type: ignore[no-untyped-def]
+        nonlocal names
         devices = tree._devices_in_drive_order(g)
+        names = devnames.probe(g, g.list_disk_labels())
+        assert names is not None
         assert sorted(devices) == sorted(g.list_devices())  # labels name every user disk
         full = g.list_filesystems()
         by_disk = {}
@@ -78,9 +82,13 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
             by_disk[dev] = (
                 simple_settled(g, [dev]),
                 {k: v for k, v in full.items() if k.rstrip("0123456789") == dev},
-                g.debug("sh", [f"blkid -c /dev/null -o export -s TYPE -s PTTYPE {dev}*; true"]),
+                g.debug("sh", [
+                    f"blkid -c /dev/null -o export -s TYPE -s PTTYPE {names.to_kernel(dev)}*; true"
+                ]),
             )
-        return tree._simple_filesystems(g, devices), by_disk
+        return tree._simple_filesystems(g, devices, names), by_disk
+
+    names = None
 
     everything, by_disk = await tree.session.call(compare)
     assert everything is None  # this snapshot has btrfs and LVM
@@ -90,6 +98,33 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
         if fast is not None:
             assert fast == full, (dev, raw)
             assert {"ext4", "xfs", "vfat"} <= set(fast.values()) or fast
+
+
+async def test_kernel_names_name_the_right_disks(
+    tree: GuestTree, raw_reader: RawReader, disks: list[tuple[str, str]]
+) -> None:
+    """Shell scripts get the kernel's name for each drive, whatever order the appliance
+    scanned its disks in: the first 64 KiB the appliance reads there are that drive's as its
+    NBD export serves them (two GPTs with their own GUIDs and btrfs's zeroes before its
+    superblock, which a btrfs mount in the appliance's overlay may change, at 64 KiB)."""
+
+    def read_heads(g, _state):  # type: ignore[no-untyped-def]
+        devices = tree._devices_in_drive_order(g)
+        names = devnames.probe(g, g.list_disk_labels())
+        assert names is not None
+        out = []
+        for dev in devices:
+            kernel = names.to_kernel(dev)
+            assert kernel is not None and names.to_api(kernel) == dev
+            out.append(g.debug("sh", [f"head -c 65536 {kernel} | md5sum"]).split()[0])
+        return out
+
+    heads = await tree.session.call(read_heads)
+    expected = [
+        hashlib.md5(await raw_reader(name, 0, 65536)).hexdigest() for name, _ in disks
+    ]
+    assert len(set(expected)) == len(expected)
+    assert heads == expected
 
 
 async def _walk(tree: GuestTree, view_name: str, src: Path) -> None:

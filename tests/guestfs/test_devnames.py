@@ -1,0 +1,77 @@
+"""API ↔ kernel device names, and the device map built on kernel names (no appliance)."""
+
+from __future__ import annotations
+
+from snapfs.guestfs import extents
+from snapfs.guestfs.devnames import DeviceNames, probe
+
+# The appliance scanned its disks out of order: the API's sda (first drive) is the kernel's sdb.
+SWAPPED = DeviceNames({"/dev/sda": "/dev/sdb", "/dev/sdb": "/dev/sdc", "/dev/sdc": "/dev/sda"})
+
+
+def test_disks_and_partitions_translate_both_ways() -> None:
+    assert SWAPPED.to_kernel("/dev/sda") == "/dev/sdb"
+    assert SWAPPED.to_kernel("/dev/sda12") == "/dev/sdb12"
+    assert SWAPPED.to_api("/dev/sdb12") == "/dev/sda12"
+    assert SWAPPED.to_api("/dev/sda1") == "/dev/sdc1"
+    for dev in ("/dev/sda", "/dev/sdb3", "/dev/sdc1"):
+        kernel = SWAPPED.to_kernel(dev)
+        assert kernel is not None and SWAPPED.to_api(kernel) == dev
+
+
+def test_unknown_disks_and_other_devices() -> None:
+    assert SWAPPED.to_kernel("/dev/sdd1") is None  # not one of ours (the appliance's disk)
+    assert SWAPPED.to_api("/dev/sdd") is None
+    # LVM and device-mapper names are the same on both sides
+    assert SWAPPED.to_kernel("/dev/vg0/lv0") == "/dev/vg0/lv0"
+    assert SWAPPED.to_kernel("/dev/mapper/vg0-lv0") == "/dev/mapper/vg0-lv0"
+    assert SWAPPED.to_kernel("/dev/md127") == "/dev/md127"
+    assert SWAPPED.to_kernel("btrfsvol:/dev/sda1/home") is None
+
+
+def test_kernel_disk_index_follows_drive_order() -> None:
+    assert SWAPPED.kernel_disk_index(["/dev/sda", "/dev/sdb", "/dev/sdc"]) == {
+        "sdb": 0, "sdc": 1, "sda": 2,
+    }
+
+
+class _FakeAppliance:
+    """Stands in for the handle's ``debug sh`` (the real one is tested in test_tree.py)."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.commands: list[str] = []
+
+    def debug(self, _sub: str, argv: list[str]) -> str:
+        self.commands.append(argv[0])
+        return self.answer
+
+
+def test_probe_reads_label_links() -> None:
+    g = _FakeAppliance("/dev/sdb\n/dev/sda\n")
+    names = probe(g, {"da": "/dev/sda", "db": "/dev/sdb", "da1": "/dev/sda1"})
+    assert names is not None and names.to_kernel("/dev/sda1") == "/dev/sdb1"
+    assert "/dev/disk/guestfs/da /dev/disk/guestfs/db" in g.commands[0]
+
+
+def test_probe_refuses_missing_links() -> None:
+    # readlink -f prints the link's own path when it does not exist, nothing for a bad dir
+    assert probe(_FakeAppliance("/dev/sdb\n/dev/disk/guestfs/db\n"),
+                 {"da": "/dev/sda", "db": "/dev/sdb"}) is None
+    assert probe(_FakeAppliance("/dev/sdb\n"), {"da": "/dev/sda", "db": "/dev/sdb"}) is None
+    assert probe(_FakeAppliance(""), {}) is None
+
+
+def test_devmap_on_kernel_names_lands_on_the_right_drive() -> None:
+    # Kernel sdb (drive 0) has partition sdb1 at sector 2048; kernel sda (drive 2) is a PV.
+    out = b"\n".join([
+        b"B sda 8:0 - 2097152",
+        b"B sdb 8:16 - 2097152",
+        b"B sdb1 8:17 2048 1000000",
+        b"R /dev/sdb1",
+    ])
+    kernel = SWAPPED.to_kernel("/dev/sda1")
+    assert kernel == "/dev/sdb1"
+    devmap = extents.parse_devmap(out, SWAPPED.kernel_disk_index(["/dev/sda", "/dev/sdb",
+                                                                   "/dev/sdc"]))
+    assert devmap == (extents.Segment(0, 1000000 * 512, 0, 2048 * 512),)
