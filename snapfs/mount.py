@@ -23,7 +23,7 @@ import trio
 
 from snapfs.catalog.model import Catalog
 from snapfs.config import Settings
-from snapfs.fuse_ops import Operations
+from snapfs.fuse_ops import REQUEST_COUNTS, Operations
 from snapfs.guest_vfs import GuestFiles
 from snapfs.guestfs import AppliancePool
 from snapfs.libvirt.jobs import is_libvirt_uri
@@ -146,6 +146,10 @@ async def serve(
                     if live is not None:
                         await live.aclose()
                 nursery.cancel_scope.cancel()
+                log.info(
+                    "FUSE requests served: %s",
+                    ", ".join(f"{op} {n}" for op, n in REQUEST_COUNTS.most_common()) or "none",
+                )
     finally:
         remove_runtime_dir(runtime_dir)
         log.info("unmounted %s", mountpoint)

@@ -66,8 +66,9 @@ class DeviceNames:
 def probe(g: Any, labels: Mapping[str, str]) -> DeviceNames | None:
     """Read the drive label links in the appliance: one ``debug sh`` call.
 
-    ``labels`` is ``list_disk_labels()`` (label → API name, partitions included). None when a link is missing or
-    unreadable: callers must then not use shell scripts that take device names.
+    ``labels`` is ``list_disk_labels()`` (label → API name, partitions included). None when
+    a link is missing or unreadable: callers must then not use shell scripts that take device
+    names.
     """
     # Partitions have labels too ("da1"): the drives' own labels are letters only.
     ordered = sorted(label for label in labels if re.fullmatch(r"[A-Za-z]+", label))

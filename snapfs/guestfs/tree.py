@@ -33,7 +33,7 @@ import trio
 
 from snapfs.errors import GuestfsError, IsADirectory, NotADirectory, NotFound, SnapfsError
 
-from . import devnames, walker
+from . import devnames, ext4, walker
 from . import extents as ext_mod
 from .devnames import DeviceNames
 from .model import DirEntry, Extent, GuestStat, ReadRaw, View, Volume, derive_ino
@@ -119,8 +119,11 @@ class GuestTree:
         self._subtree_extents: dict[int, dict[int, tuple[int, list[Extent] | None]]] = {}
         self._subtree_done: dict[int, set[bytes]] = {}
         self._subtree_tried: dict[int, set[bytes]] = {}
+        # ext2/3/4 volumes whose extent maps are read on the host (None: they cannot be)
+        self._ext4_layouts: dict[int, ext4.Layout | None] = {}
         self._chunks: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self.stats = {
+            "host_extent_dirs": 0,
             "mapped_reads": 0,
             "appliance_reads": 0,
             "dir_fetches": 0,
@@ -453,6 +456,10 @@ class GuestTree:
         started = time.monotonic()
         binary = await trio.to_thread.run_sync(walker.walker_binary)
         with_extents = self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES
+        if with_extents and await self._ext4_layout(vol) is not None:
+            # Extent maps come from the host, a directory at a time when first read: the
+            # walk skips FIEMAP, three quarters of its time under TCG.
+            with_extents = False
 
         def fetch(g: Any, state: LaunchState) -> tuple[str, bytes] | None:
             mp = self._mount_sync(g, state, vol)
@@ -536,7 +543,7 @@ class GuestTree:
             time.monotonic() - started,
             "walker" if kind == "walk" else "shell",
         )
-        if with_extents:
+        if with_extents or vol.index in self._ext4_layouts:
             # The device map too, while the appliance is up: mapped reads then need no
             # appliance, even after it was shut down for idleness.
             await self._devmap(vol, launch=False)
@@ -883,15 +890,24 @@ class GuestTree:
         plan = ext_mod.plan_read(extents, devmap, st.size, offset, size)
         if plan is None:
             return None
+        return await ext_mod.read_mapped(plan, await self._disk_names(), self.read_raw)
+
+    async def _disk_names(self) -> list[str]:
+        """The session's disk names (what ``read_raw`` takes), in drive order."""
         disc = await self._discover()
-        names = [self.session.disk_name(i) for i in range(len(disc.devices))]
-        return await ext_mod.read_mapped(plan, names, self.read_raw)
+        return [self.session.disk_name(i) for i in range(len(disc.devices))]
 
     async def _extents_of(self, vol: Volume, parent: bytes, st: GuestStat) -> list[Extent] | None:
         """The file's extents: from a subtree batch when one covers it, else per directory."""
         prefetching = self._tree_prefetch.get(vol.index)
         if prefetching is not None and not prefetching.is_set():
             await prefetching.wait()  # it brings the extent maps of the whole volume too
+        layout = self._ext4_layouts.get(vol.index)
+        if layout is not None:
+            listing = await self._dir(vol, parent)
+            if listing.extents is None:
+                listing.extents = await self._host_extents(vol, layout, parent, listing)
+            return listing.extents.get(st.guest_ino)
         known = self._subtree_extents.setdefault(vol.index, {})
         covered = self._subtree_done.setdefault(vol.index, set())
         tried = self._subtree_tried.setdefault(vol.index, set())
@@ -974,6 +990,84 @@ class GuestTree:
             # A size that disagrees with the listing means the sections were misaligned.
             result[ino] = extents if sizes.get(ino) == size else None
         return result
+
+    def _volume_reader(self, devmap: ext_mod.DeviceMap, disk_names: list[str]) -> ext4.VolumeReader:
+        read_raw = self.read_raw
+        assert read_raw is not None
+
+        async def read(offset: int, length: int) -> bytes:
+            pieces = ext_mod.translate(devmap, offset, length)
+            if pieces is None:
+                raise ext4.Ext4Error(f"volume bytes {offset}+{length} are not on the disks")
+            return await ext_mod.read_mapped(pieces, disk_names, read_raw)
+
+        return read
+
+    async def _ext4_layout(self, vol: Volume) -> ext4.Layout | None:
+        """The ext2/3/4 layout of ``vol`` when its extent maps can be read on the host."""
+        if vol.index in self._ext4_layouts:
+            return self._ext4_layouts[vol.index]
+        layout: ext4.Layout | None = None
+        if self.fast_path and vol.fstype in ("ext2", "ext3", "ext4"):
+            devmap = await self._devmap(vol, launch=False)
+            if devmap is not None:
+                names = await self._disk_names()
+                try:
+                    layout = await ext4.read_layout(self._volume_reader(devmap, names))
+                except (ext4.Ext4Error, OSError) as exc:
+                    log.info(
+                        "guestfs %s: %s: extent maps come from the appliance (%s)",
+                        self.session.name,
+                        vol.name,
+                        exc,
+                    )
+        if layout is not None:
+            log.info(
+                "guestfs %s: %s: extent maps are read on the host (%d-byte blocks)",
+                self.session.name,
+                vol.name,
+                layout.block_size,
+            )
+        self._ext4_layouts[vol.index] = layout
+        return layout
+
+    async def _host_extents(
+        self, vol: Volume, layout: ext4.Layout, parent: bytes, listing: _Dir
+    ) -> dict[int, list[Extent] | None]:
+        """The directory's extent maps read on the host; the appliance's FIEMAP for the files
+        the host cannot map (block-mapped files of an upgraded ext3, for one)."""
+        files = {
+            (st.guest_ino, st.size) for st in listing.entries.values() if st.is_reg and st.size > 0
+        }
+        devmap = await self._devmap(vol)
+        found: dict[int, list[Extent] | None] = {}
+        if devmap is not None:
+            names = await self._disk_names()
+            try:
+                found = await ext4.file_extents(layout, self._volume_reader(devmap, names), files)
+            except Exception as exc:  # an NBD error, a short read: the appliance still knows
+                log.warning(
+                    "guestfs %s: host extent maps of %s:%r failed: %s",
+                    self.session.name,
+                    vol.name,
+                    parent,
+                    exc,
+                )
+        self.stats["host_extent_dirs"] += 1
+        unmapped = sum(found.get(ino) is None for ino, _ in files)
+        if unmapped:
+            log.info(
+                "guestfs %s: %s:%r: %d of %d files not mapped on the host: asking FIEMAP",
+                self.session.name,
+                vol.name,
+                parent,
+                unmapped,
+                len(files),
+            )
+            for ino, extents in (await self._fetch_extents(vol, parent, listing)).items():
+                if found.get(ino) is None:
+                    found[ino] = extents
+        return found
 
     async def _devmap(self, vol: Volume, *, launch: bool = True) -> ext_mod.DeviceMap | None:
         """Where ``vol``'s bytes are on the disks (cached; a failure is retried later)."""
