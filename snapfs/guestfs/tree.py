@@ -144,6 +144,7 @@ class GuestTree:
         return found
 
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
+        started = time.monotonic()
         devices = self._devices_in_drive_order(g)
         kernel_names = devnames.probe(g, g.list_disk_labels())
         filesystems = self._simple_filesystems(g, devices, kernel_names)
@@ -195,7 +196,7 @@ class GuestTree:
                 os_mounts = None
         g.umount_all()
         log.info(
-            "guestfs %s: %d volume(s): %s; %s",
+            "guestfs %s: %d volume(s): %s; %s (%.2f s)",
             self.session.name,
             len(volumes),
             ", ".join(f"{v.name}={v.device}({v.fstype})" for v in volumes),
@@ -203,6 +204,7 @@ class GuestTree:
             + ", ".join(f"{mp.decode()}={v.name}" for mp, v in sorted(os_mounts.items()))
             if os_mounts
             else "no OS found",
+            time.monotonic() - started,
         )
         return _Discovery(devices, kernel_names, volumes, os_mounts)
 
