@@ -146,8 +146,11 @@ class GuestTree:
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
         started = time.monotonic()
         devices = self._devices_in_drive_order(g)
-        kernel_names = devnames.probe(g, g.list_disk_labels())
-        filesystems = self._simple_filesystems(g, devices, kernel_names)
+        probe = devnames.probe(g, g.list_disk_labels())
+        kernel_names = probe.names
+        filesystems = simple_filesystems(devices, probe)
+        if filesystems is None:
+            log.info("guestfs %s: not a plain layout: probing filesystems", self.session.name)
         if filesystems is None:
             filesystems = g.list_filesystems()
         names = [self.session.disk_name(i) for i in range(len(devices))]
@@ -228,54 +231,6 @@ class GuestTree:
                 found,
             )
             return found[:count]
-
-    def _simple_filesystems(
-        self, g: Any, devices: list[str], names: DeviceNames | None
-    ) -> dict[str, str] | None:
-        """``list_filesystems`` for plain layouts, from one ``blkid`` run; None otherwise.
-
-        list_filesystems probes LVM, md, LDM and btrfs subvolumes with a process each:
-        3-4 s under TCG on the way to the first listing. When blkid finds only plain
-        filesystems (no LVM, RAID, btrfs, encryption), its answer is the same.
-        """
-        # blkid runs in a shell, with the kernel's device names; the API translates its own
-        # (/dev/sda may be the kernel's sdb when the appliance scanned its disks out of
-        # order): blkid is given and answers kernel names, translated both ways here.
-        if names is None:
-            return None
-        partitions = [p for p in g.list_partitions() if p.rstrip("0123456789") in devices]
-        # Straight through debug sh, not run_script: nothing is mounted yet, so the daemon
-        # would refuse to read an output file. Only DEVNAME, TYPE and PTTYPE are printed
-        # (ASCII; a label could be any bytes and break the binding's UTF-8 decoding).
-        kernel = [names.to_kernel(d) for d in [*devices, *partitions]]
-        if None in kernel:
-            return None
-        command = " ".join(
-            ["blkid -c /dev/null -o export -s TYPE -s PTTYPE", *map(str, kernel), "; true"]
-        )
-        try:
-            out: str = g.debug("sh", [command])
-        except (RuntimeError, UnicodeError) as exc:
-            log.info("guestfs %s: blkid failed (%s): probing", self.session.name, exc)
-            return None
-        found: dict[str, dict[str, str]] = {}
-        for block in out.split("\n\n"):
-            fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-            api_name = names.to_api(fields.get("DEVNAME", ""))
-            if api_name is not None:
-                found[api_name] = fields
-        result: dict[str, str] = {}
-        with_partitions = {p.rstrip("0123456789") for p in partitions}
-        for dev in [*devices, *partitions]:
-            fstype = found.get(dev, {}).get("TYPE")
-            if fstype is None and dev in with_partitions:
-                continue  # a partitioned disk: its partitions are the filesystems
-            if fstype not in _SIMPLE_FSTYPES:
-                # Untyped (an extended partition, empty space, a probe that raced udev) or
-                # anything needing more probing: let list_filesystems decide.
-                return None
-            result[dev] = fstype
-        return result
 
     async def volumes(self) -> list[Volume]:
         """Every browsable filesystem on the snapshot's disks (first call launches)."""
@@ -1291,3 +1246,43 @@ def _volume_name(device: str, devices: Sequence[str], disk_names: Sequence[str])
     if len(parts) == 4 and parts[1] == "dev":  # /dev/VG/LV
         return f"{parts[2]}-{parts[3]}"
     return device.rsplit("/", 1)[-1] or device.replace("/", "_")
+
+
+def simple_filesystems(devices: list[str], probe: devnames.Probe) -> dict[str, str] | None:
+    """``list_filesystems`` for plain layouts, from the probe's one ``blkid`` run; None
+    otherwise.
+
+    list_filesystems probes LVM, md, LDM and btrfs subvolumes with a process each: 3-4 s
+    under TCG on the way to the first listing. When blkid finds only plain filesystems (no
+    LVM, RAID, btrfs, encryption), its answer is the same. blkid ran with the kernel's
+    device names; the API's differ when the appliance scanned its disks out of order
+    (devnames.py): translated here.
+    """
+    names = probe.names
+    if names is None:
+        return None
+    partitions: list[str] = []
+    for kernel in probe.partitions:
+        api = names.to_api(kernel)
+        if api is None:
+            return None
+        if api.rstrip("0123456789") in devices:
+            partitions.append(api)
+    found: dict[str, dict[str, str]] = {}
+    for block in probe.blkid.split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        api_name = names.to_api(fields.get("DEVNAME", ""))
+        if api_name is not None:
+            found[api_name] = fields
+    result: dict[str, str] = {}
+    with_partitions = {p.rstrip("0123456789") for p in partitions}
+    for dev in [*devices, *partitions]:
+        fstype = found.get(dev, {}).get("TYPE")
+        if fstype is None and dev in with_partitions:
+            continue  # a partitioned disk: its partitions are the filesystems
+        if fstype not in _SIMPLE_FSTYPES:
+            # Untyped (an extended partition, empty space, a probe that raced udev) or
+            # anything needing more probing: let list_filesystems decide.
+            return None
+        result[dev] = fstype
+    return result

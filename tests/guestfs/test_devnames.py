@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from snapfs.guestfs import extents
-from snapfs.guestfs.devnames import DeviceNames, probe
+from snapfs.guestfs.devnames import DeviceNames, Probe, probe
+from snapfs.guestfs.tree import simple_filesystems
 
 # The appliance scanned its disks out of order: the API's sda (first drive) is the kernel's sdb.
 SWAPPED = DeviceNames({"/dev/sda": "/dev/sdb", "/dev/sdb": "/dev/sdc", "/dev/sdc": "/dev/sda"})
@@ -47,19 +48,43 @@ class _FakeAppliance:
         return self.answer
 
 
-def test_probe_reads_label_links() -> None:
-    g = _FakeAppliance("/dev/sdb\n/dev/sda\n")
-    names = probe(g, {"da": "/dev/sda", "db": "/dev/sdb", "da1": "/dev/sda1"})
-    assert names is not None and names.to_kernel("/dev/sda1") == "/dev/sdb1"
-    assert "/dev/disk/guestfs/da /dev/disk/guestfs/db" in g.commands[0]
+def test_probe_reads_label_links_partitions_and_blkid() -> None:
+    out = "K /dev/sdb /dev/sda\nP /dev/sdb1 /dev/sdb2\n=== snapfs blkid ===\nDEVNAME=/dev/sdb1\n"
+    g = _FakeAppliance(out)
+    found = probe(g, {"da": "/dev/sda", "db": "/dev/sdb", "da1": "/dev/sda1"})
+    assert found.names is not None and found.names.to_kernel("/dev/sda1") == "/dev/sdb1"
+    assert found.partitions == ["/dev/sdb1", "/dev/sdb2"]
+    assert found.blkid == "DEVNAME=/dev/sdb1\n"
+    assert "readlink -f /dev/disk/guestfs/da /dev/disk/guestfs/db" in g.commands[0]
 
 
 def test_probe_refuses_missing_links() -> None:
+    labels = {"da": "/dev/sda", "db": "/dev/sdb"}
     # readlink -f prints the link's own path when it does not exist, nothing for a bad dir
-    assert probe(_FakeAppliance("/dev/sdb\n/dev/disk/guestfs/db\n"),
-                 {"da": "/dev/sda", "db": "/dev/sdb"}) is None
-    assert probe(_FakeAppliance("/dev/sdb\n"), {"da": "/dev/sda", "db": "/dev/sdb"}) is None
-    assert probe(_FakeAppliance(""), {}) is None
+    assert probe(_FakeAppliance("K /dev/sdb /dev/disk/guestfs/db\nP\n"), labels).names is None
+    assert probe(_FakeAppliance("K /dev/sdb\nP\n"), labels).names is None
+    assert probe(_FakeAppliance(""), {}).names is None
+
+
+def test_simple_filesystems_translate_blkid_names() -> None:
+    """blkid's kernel names come back as the API's; an untyped partition or LVM sends
+    discovery to list_filesystems."""
+    blkid = "\n\n".join([
+        "DEVNAME=/dev/sdb\nPTTYPE=gpt",
+        "DEVNAME=/dev/sdb1\nTYPE=ext4",
+        "DEVNAME=/dev/sdb2\nTYPE=xfs",
+        "DEVNAME=/dev/sda\nTYPE=vfat",
+    ])
+    names = DeviceNames({"/dev/sda": "/dev/sdb", "/dev/sdb": "/dev/sda"})
+    found = Probe(names, ["/dev/sdb1", "/dev/sdb2"], blkid)
+    assert simple_filesystems(["/dev/sda", "/dev/sdb"], found) == {
+        "/dev/sda1": "ext4", "/dev/sda2": "xfs", "/dev/sdb": "vfat",
+    }
+    untyped = Probe(names, ["/dev/sdb1", "/dev/sdb2", "/dev/sdb3"], blkid)
+    assert simple_filesystems(["/dev/sda", "/dev/sdb"], untyped) is None
+    lvm = Probe(names, ["/dev/sdb1"], blkid.replace("TYPE=ext4", "TYPE=LVM2_member"))
+    assert simple_filesystems(["/dev/sda"], lvm) is None
+    assert simple_filesystems(["/dev/sda"], Probe(None)) is None
 
 
 def test_devmap_on_kernel_names_lands_on_the_right_drive() -> None:

@@ -15,6 +15,7 @@ import trio
 from snapfs.errors import GuestfsError, NotFound, SnapfsError
 from snapfs.guestfs import GuestfsSettings, GuestSession, GuestTree, devnames
 from snapfs.guestfs.session import find_qemu_pids
+from snapfs.guestfs.tree import simple_filesystems
 
 from .conftest import BIG_SIZE, LV_FILE, RawReader
 
@@ -64,18 +65,22 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
         # blkid can race the appliance's udev probing (a partition without TYPE for a
         # moment): the product then falls back to list_filesystems; here, settle and retry.
         for _ in range(3):
-            found = tree._simple_filesystems(g, devs, names)
+            found = simple_filesystems(devs, devnames.probe(g, g.list_disk_labels()))
             if found is not None:
                 return found
             g.debug("sh", ["udevadm settle; true"])
         return None
 
     def compare(g, _state):  # type: ignore[no-untyped-def]
-        nonlocal names
         devices = tree._devices_in_drive_order(g)
-        names = devnames.probe(g, g.list_disk_labels())
+        probe = devnames.probe(g, g.list_disk_labels())
+        names = probe.names
         assert names is not None
         assert sorted(devices) == sorted(g.list_devices())  # labels name every user disk
+        # the shell's partition glob found what the API lists
+        assert sorted(filter(None, map(names.to_api, probe.partitions))) == sorted(
+            g.list_partitions()
+        )
         full = g.list_filesystems()
         by_disk = {}
         for dev in devices:
@@ -86,9 +91,7 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
                     f"blkid -c /dev/null -o export -s TYPE -s PTTYPE {names.to_kernel(dev)}*; true"
                 ]),
             )
-        return tree._simple_filesystems(g, devices, names), by_disk
-
-    names = None
+        return simple_filesystems(devices, probe), by_disk
 
     everything, by_disk = await tree.session.call(compare)
     assert everything is None  # this snapshot has btrfs and LVM
@@ -110,7 +113,7 @@ async def test_kernel_names_name_the_right_disks(
 
     def read_heads(g, _state):  # type: ignore[no-untyped-def]
         devices = tree._devices_in_drive_order(g)
-        names = devnames.probe(g, g.list_disk_labels())
+        names = devnames.probe(g, g.list_disk_labels()).names
         assert names is not None
         out = []
         for dev in devices:
