@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -320,3 +321,62 @@ async def read_mapped(
             out += data
             done += n
     return bytes(out)
+
+
+class WindowCache:
+    """Whole disk windows around small mapped reads, for readers of many small files.
+
+    A directory's small files usually sit close together on the disk, so a reader going
+    through them (rsync, cp -r, tar) would send one NBD request per file. After a second
+    small read lands in the same ``window``-aligned window, the whole window is read once and
+    the following small reads there are served from memory. Only for immutable data (a
+    snapshot): nothing here is ever invalidated. Reads bigger than ``small`` or spanning two
+    windows go straight through.
+    """
+
+    def __init__(
+        self,
+        read_raw: ReadRaw,
+        *,
+        window: int = 1 << 20,
+        max_windows: int = 32,
+        small: int = 128 << 10,
+    ) -> None:
+        self._read_raw = read_raw
+        self._window = window
+        self._max_windows = max_windows
+        self._small = small
+        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        # Windows that had one small read (bounded: only recent ones matter).
+        self._touched: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.hits = 0
+        self.fills = 0
+
+    async def __call__(self, disk: str, offset: int, length: int) -> bytes:
+        w = self._window
+        first = offset // w
+        if length > self._small or (offset + length - 1) // w != first:
+            return await self._read_raw(disk, offset, length)
+        key = (disk, first)
+        start = offset - first * w
+        data = self._windows.get(key)
+        if data is not None and start + length <= len(data):
+            self._windows.move_to_end(key)
+            self.hits += 1
+            return data[start : start + length]
+        if key in self._touched:
+            try:
+                data = await self._read_raw(disk, first * w, w)
+            except Exception:  # past the disk's end, say: then read just the piece
+                data = b""
+            if len(data) == w:
+                self.fills += 1
+                self._windows[key] = data
+                while len(self._windows) > self._max_windows:
+                    self._windows.popitem(last=False)
+                return data[start : start + length]
+        self._touched[key] = None
+        self._touched.move_to_end(key)
+        while len(self._touched) > 4 * self._max_windows:
+            self._touched.popitem(last=False)
+        return await self._read_raw(disk, offset, length)
