@@ -207,7 +207,12 @@ def _mount_in_background(
     text = message.decode(errors="replace").strip()
     if text == "ok":
         click.echo(f"mounted at {mountpoint} (pid {pid}, log {log_path})")
-        return
+        # Done: skip the interpreter's teardown of every imported module (libguestfs, nbd,
+        # trio, rich: ~0.1 s on the way to a first ls).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
     _reap_failed_daemon(pid, still_silent=not text)
     reason = text.removeprefix("error: ") if text else f"daemon exited; see {log_path}"
     click.echo(f"snapfs: mount failed: {reason}", err=True)
