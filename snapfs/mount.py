@@ -4,7 +4,10 @@ Owns the order of start and stop (s3ql's mount.py model): the catalog is loaded 
 thread before FUSE is initialised; exports and appliances run in one nursery; SIGINT,
 SIGTERM, ``snapfs umount`` and ``fusermount3 -u`` all end ``pyfuse3.main``; then, shielded
 from cancellation, every export is flushed and stopped, FUSE is closed and the runtime
-directory removed. A daemon killed with SIGKILL cannot clean up, but its qemu-nbd servers
+directory removed. Once the kernel has ended the FUSE connection, requests still being
+handled get ``STUCK_HANDLER_GRACE_S`` and are then cancelled (a handler stuck on an appliance
+or a server must not keep the daemon alive; the shielded stop still flushes everything). A
+daemon killed with SIGKILL cannot clean up, but its qemu-nbd servers
 die with it (parent-death signal, see ``nbd.server``) and the next mount of the same
 mountpoint removes the leftover runtime directory.
 """
@@ -45,13 +48,53 @@ async def _terminate_on_signals() -> None:
             pyfuse3.terminate()
 
 
-async def _after_init(
-    mountpoint: Path, settings: Settings, source: str, on_ready: Callable[[], None] | None
+# The kernel's FUSE control filesystem: one directory per live connection, named by the
+# mount's device minor number, gone once the kernel has ended the connection.
+FUSECTL = Path("/sys/fs/fuse/connections")
+# After the kernel ended the connection (an unmount), requests still being handled get this
+# long to finish; then they are cancelled, so that a handler stuck on an appliance or a
+# server cannot keep the daemon, and everything it started, alive.
+STUCK_HANDLER_GRACE_S = 10.0
+
+
+async def end_when_disconnected(
+    connection: Path,
+    serving: trio.Event,
+    *,
+    poll_s: float = 1.0,
+    grace_s: float = STUCK_HANDLER_GRACE_S,
+    terminate: Callable[[], None] = pyfuse3.terminate,
 ) -> None:
-    """Tune the mount once the kernel has finished FUSE INIT, then report it ready."""
+    """Call ``terminate`` ``grace_s`` after ``connection`` (its fusectl directory) is gone,
+    unless ``serving`` was set meanwhile (the main loop returned by itself)."""
+    if not await trio.to_thread.run_sync(connection.is_dir):
+        log.debug("no %s: the connection is not watched", connection)
+        return
+    while not serving.is_set() and await trio.to_thread.run_sync(connection.is_dir):
+        await trio.sleep(poll_s)
+    with trio.move_on_after(grace_s):
+        await serving.wait()
+        return
+    log.warning(
+        "the FUSE connection ended %.0f s ago and requests are still being handled: "
+        "cancelling them",
+        grace_s,
+    )
+    terminate()
+
+
+async def _after_init(
+    mountpoint: Path,
+    settings: Settings,
+    source: str,
+    on_ready: Callable[[], None] | None,
+    main_returned: trio.Event,
+) -> None:
+    """Tune the mount once the kernel has finished FUSE INIT, report it ready, then watch
+    the connection (``end_when_disconnected``)."""
     # A stat of the root is answered only after INIT; a read-ahead written before that is
     # overwritten by the kernel with what libfuse negotiated (128 KiB).
-    await trio.to_thread.run_sync(os.stat, mountpoint)
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
     if settings.nbd.read_ahead_kb > 0:
         applied = await trio.to_thread.run_sync(
             set_read_ahead, mountpoint, settings.nbd.read_ahead_kb
@@ -60,6 +103,7 @@ async def _after_init(
     log.info("mounted %s at %s (pid %d)", source, mountpoint, os.getpid())
     if on_ready is not None:
         on_ready()
+    await end_when_disconnected(FUSECTL / str(os.minor(st.st_dev)), main_returned)
 
 
 def fuse_options(source: str, *, allow_other: bool, debug: bool) -> set[str]:
@@ -129,12 +173,16 @@ async def serve(
                 str(mountpoint),
                 fuse_options(source, allow_other=allow_other, debug=debug_fuse),
             )
+            main_returned = trio.Event()
             try:
                 nursery.start_soon(_terminate_on_signals)
                 nursery.start_soon(exports.reap_idle)
-                nursery.start_soon(_after_init, mountpoint, settings, source, on_ready)
+                nursery.start_soon(
+                    _after_init, mountpoint, settings, source, on_ready, main_returned
+                )
                 await pyfuse3.main()
             finally:
+                main_returned.set()
                 with trio.CancelScope(shield=True):
                     # Unmount first so that no request waits on a stopping server.
                     pyfuse3.close(unmount=True)
