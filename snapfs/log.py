@@ -15,8 +15,13 @@ def setup_logging(*, debug: bool = False, logfile: Path | None = None) -> None:
         handler = logging.FileHandler(logfile)
     else:
         handler = logging.StreamHandler(sys.stderr)
+    # The daemon's log outlives days: full date there; milliseconds everywhere (a launch's
+    # steps are tens of milliseconds apart).
+    datefmt = "%Y-%m-%d %H:%M:%S" if logfile is not None else "%H:%M:%S"
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", datefmt
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
