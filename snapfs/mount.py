@@ -7,9 +7,9 @@ from cancellation, every export is flushed and stopped, FUSE is closed and the r
 directory removed. Once the kernel has ended the FUSE connection, requests still being
 handled get ``STUCK_HANDLER_GRACE_S`` and are then cancelled (a handler stuck on an appliance
 or a server must not keep the daemon alive; the shielded stop still flushes everything). A
-daemon killed with SIGKILL cannot clean up, but its qemu-nbd servers
-die with it (parent-death signal, see ``nbd.server``) and the next mount of the same
-mountpoint removes the leftover runtime directory.
+daemon killed with SIGKILL cannot clean up, but its qemu-nbd servers die with it
+(parent-death signal, see ``nbd.server``) and the next mount of the same mountpoint removes
+the leftover runtime directory.
 """
 
 from __future__ import annotations

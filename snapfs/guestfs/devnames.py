@@ -90,7 +90,7 @@ def probe_script(labels: Sequence[str]) -> str:
             f"echo '{_END}'",
             # Only DEVNAME, TYPE and PTTYPE are printed (ASCII; a label could be any bytes
             # and break the binding's UTF-8 decoding).
-            "[ -n \"$K\" ] && blkid -c /dev/null -o export -s TYPE -s PTTYPE $K $P",
+            '[ -n "$K" ] && blkid -c /dev/null -o export -s TYPE -s PTTYPE $K $P',
             "true",
         ]
     )
@@ -112,10 +112,11 @@ def parse_probe(out: str, labels: Mapping[str, str]) -> Probe:
             kernel = line.split()[1:]
         elif line.startswith("P"):
             partitions = line.split()[1:]
-    if not ordered or len(kernel) != len(ordered):
-        log.info("drive label links %s resolve to %s: no kernel names", ordered, kernel)
-        return Probe(None)
-    if not all(_DISK_OR_PARTITION.fullmatch(k) for k in [*kernel, *partitions]):
+    if (
+        not ordered
+        or len(kernel) != len(ordered)
+        or not all(_DISK_OR_PARTITION.fullmatch(k) for k in [*kernel, *partitions])
+    ):
         log.info("drive label links %s resolve to %s: no kernel names", ordered, kernel)
         return Probe(None)
     names = DeviceNames({labels[label]: k for label, k in zip(ordered, kernel, strict=True)})

@@ -147,13 +147,12 @@ class GuestTree:
 
     def _discover_sync(self, g: Any, state: LaunchState) -> _Discovery:
         started = time.monotonic()
-        devices = self._devices_in_drive_order(g)
-        probe = devnames.probe(g, g.list_disk_labels())
-        kernel_names = probe.names
+        labels: dict[str, str] = g.list_disk_labels()
+        devices = self._devices_in_drive_order(g, labels)
+        probe = devnames.probe(g, labels)
         filesystems = simple_filesystems(devices, probe)
         if filesystems is None:
             log.info("guestfs %s: not a plain layout: probing filesystems", self.session.name)
-        if filesystems is None:
             filesystems = g.list_filesystems()
         names = [self.session.disk_name(i) for i in range(len(devices))]
         volumes: list[Volume] = []
@@ -211,16 +210,16 @@ class GuestTree:
             else "no OS found",
             time.monotonic() - started,
         )
-        return _Discovery(devices, kernel_names, volumes, os_mounts)
+        return _Discovery(devices, probe.names, volumes, os_mounts)
 
-    def _devices_in_drive_order(self, g: Any) -> list[str]:
-        """The appliance devices of the session's drives, in drive order (by their labels).
+    def _devices_in_drive_order(self, g: Any, labels: dict[str, str]) -> list[str]:
+        """The appliance devices of the session's drives, in drive order (by their labels:
+        ``list_disk_labels()``).
 
         The appliance scans its disks asynchronously: /dev/sdX names can come in another
         order than the drives were added (seen here: a volume named after the wrong disk,
         and the appliance's own disk listed among the user's).
         """
-        labels: dict[str, str] = g.list_disk_labels()
         count = len(self.session.disks)
         try:
             return [labels[drive_label(i)] for i in range(count)]
@@ -414,11 +413,10 @@ class GuestTree:
         """Fill the listing cache for every directory of ``vol`` from one appliance call."""
         started = time.monotonic()
         binary = await trio.to_thread.run_sync(walker.walker_binary)
-        with_extents = self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES
-        if with_extents and await self._ext4_layout(vol) is not None:
-            # Extent maps come from the host, a directory at a time when first read: the
-            # walk skips FIEMAP, three quarters of its time under TCG.
-            with_extents = False
+        mapped = self.fast_path and vol.fstype in ext_mod.FASTPATH_FSTYPES
+        # ext4's extent maps come from the host, a directory at a time when first read: the
+        # walk then skips FIEMAP, three quarters of its time under TCG.
+        with_extents = mapped and await self._ext4_layout(vol) is None
         prepared = time.monotonic()
 
         def fetch(g: Any, state: LaunchState) -> tuple[str, bytes] | None:
@@ -508,7 +506,7 @@ class GuestTree:
             fetched - prepared,
             time.monotonic() - fetched,
         )
-        if with_extents or vol.index in self._ext4_layouts:
+        if mapped:
             # The device map too, while the appliance is up: mapped reads then need no
             # appliance, even after it was shut down for idleness.
             await self._devmap(vol, launch=False)
@@ -957,7 +955,12 @@ class GuestTree:
             result[ino] = extents if sizes.get(ino) == size else None
         return result
 
-    def _volume_reader(self, devmap: ext_mod.DeviceMap, disk_names: list[str]) -> ext4.VolumeReader:
+    async def _volume_reader(self, vol: Volume, *, launch: bool) -> ext4.VolumeReader | None:
+        """Reads of ``vol``'s own bytes, through its device map (None: it has none)."""
+        devmap = await self._devmap(vol, launch=launch)
+        if devmap is None:
+            return None
+        disk_names = await self._disk_names()
         read_raw = self._raw
         assert read_raw is not None
 
@@ -975,11 +978,10 @@ class GuestTree:
             return self._ext4_layouts[vol.index]
         layout: ext4.Layout | None = None
         if self.fast_path and vol.fstype in ("ext2", "ext3", "ext4"):
-            devmap = await self._devmap(vol, launch=False)
-            if devmap is not None:
-                names = await self._disk_names()
+            read = await self._volume_reader(vol, launch=False)
+            if read is not None:
                 try:
-                    layout = await ext4.read_layout(self._volume_reader(devmap, names))
+                    layout = await ext4.read_layout(read)
                 except Exception as exc:  # unsafe layout, NBD error: FIEMAP still works
                     log.info(
                         "guestfs %s: %s: extent maps come from the appliance (%s)",
@@ -1005,12 +1007,11 @@ class GuestTree:
         files = {
             (st.guest_ino, st.size) for st in listing.entries.values() if st.is_reg and st.size > 0
         }
-        devmap = await self._devmap(vol)
+        read = await self._volume_reader(vol, launch=True)
         found: dict[int, list[Extent] | None] = {}
-        if devmap is not None:
-            names = await self._disk_names()
+        if read is not None:
             try:
-                found = await ext4.file_extents(layout, self._volume_reader(devmap, names), files)
+                found = await ext4.file_extents(layout, read, files)
             except Exception as exc:  # an NBD error, a short read: the appliance still knows
                 log.warning(
                     "guestfs %s: host extent maps of %s:%r failed: %s",

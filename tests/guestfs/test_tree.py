@@ -72,8 +72,9 @@ async def test_simple_discovery_equals_list_filesystems(tree: GuestTree) -> None
         return None
 
     def compare(g, _state):  # type: ignore[no-untyped-def]
-        devices = tree._devices_in_drive_order(g)
-        probe = devnames.probe(g, g.list_disk_labels())
+        labels = g.list_disk_labels()
+        devices = tree._devices_in_drive_order(g, labels)
+        probe = devnames.probe(g, labels)
         names = probe.names
         assert names is not None
         assert sorted(devices) == sorted(g.list_devices())  # labels name every user disk
@@ -112,8 +113,9 @@ async def test_kernel_names_name_the_right_disks(
     superblock, which a btrfs mount in the appliance's overlay may change, at 64 KiB)."""
 
     def read_heads(g, _state):  # type: ignore[no-untyped-def]
-        devices = tree._devices_in_drive_order(g)
-        names = devnames.probe(g, g.list_disk_labels()).names
+        labels = g.list_disk_labels()
+        devices = tree._devices_in_drive_order(g, labels)
+        names = devnames.probe(g, labels).names
         assert names is not None
         out = []
         for dev in devices:
