@@ -18,24 +18,21 @@ from typing import Any
 import pytest
 
 from snapfs.catalog import writer
-from tests.libvirt.daemon import LibvirtDaemon, domain_xml, qemu_io, why_unavailable
+from tests.libvirt.daemon import (
+    LibvirtDaemon,
+    domain_xml,
+    qemu_io,
+    start_or_skip,
+    why_unavailable,
+)
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[LibvirtDaemon]:
-    reason = why_unavailable()
-    if reason is not None:
-        print(f"libvirt tests skipped: {reason}")
-        pytest.skip(reason)
     daemon = LibvirtDaemon()
-    try:
-        daemon.start()
-    except RuntimeError as exc:
-        daemon.stop()
-        print(f"libvirt tests skipped: private libvirtd cannot run here: {exc}")
-        pytest.skip(f"private libvirtd cannot run here: {exc}")
+    start_or_skip(daemon, why_unavailable(), "libvirt")
     try:
         yield daemon
     finally:
@@ -129,3 +126,11 @@ def repo_dir(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     writer.init_repository(root)
     return root
+
+
+@pytest.fixture
+def no_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A settings file of this test only (none of the machine's)."""
+    path = tmp_path / "settings.toml"
+    monkeypatch.setenv("SNAPFS_CONFIG", str(path))
+    return path

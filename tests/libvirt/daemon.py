@@ -34,6 +34,7 @@ from typing import Any
 
 import libvirt
 import libvirt_qemu
+import pytest
 
 # The QEMU capabilities cache survives between sessions: a warm daemon start takes ~0.2 s,
 # a cold one ~1.7 s (measured).
@@ -301,3 +302,17 @@ def qemu_io(dom: Any, target: str, command: str) -> None:
     )
     if reply.strip():
         raise RuntimeError(f"qemu-io {command!r} on {target}: {reply.strip()}")
+
+
+def start_or_skip(server: Any, unavailable: str | None, what: str) -> None:
+    """Start a private test server (``start``/``stop``), or skip the tests that need it,
+    saying why: the machine lacks a part (``unavailable``) or the server cannot run here."""
+    if unavailable is not None:
+        print(f"{what} tests skipped: {unavailable}")
+        pytest.skip(unavailable)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        print(f"{what} tests skipped: the private server cannot run here: {exc}")
+        pytest.skip(f"private server for {what} cannot run here: {exc}")

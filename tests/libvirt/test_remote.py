@@ -45,14 +45,6 @@ def tcp_conn(libvirtd: Any) -> Iterator[Any]:
         c.close()
 
 
-@pytest.fixture
-def no_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A settings file of this test only (none of the machine's)."""
-    path = tmp_path / "settings.toml"
-    monkeypatch.setenv("SNAPFS_CONFIG", str(path))
-    return path
-
-
 def raw(path: Path, tmp: Path) -> bytes:
     return imaging.to_raw(path, tmp / f"{path.parent.parent.name}-{path.stem}.raw")
 

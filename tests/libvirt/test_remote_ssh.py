@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from snapfs.config import LibvirtSettings
 from snapfs.libvirt import jobs
 from snapfs.libvirt_cli import backup_command
-from tests.libvirt.daemon import free_port
+from tests.libvirt.daemon import free_port, start_or_skip
 from tests.libvirt.sshd import SshServer, why_unavailable
 from tests.libvirt.test_remote import raw
 
@@ -31,17 +31,8 @@ CLUSTER = 64 * KiB
 
 @pytest.fixture(scope="module")
 def sshd(libvirtd: Any) -> Iterator[SshServer]:
-    reason = why_unavailable()
-    if reason is not None:
-        print(f"qemu+ssh:// tests skipped: {reason}")
-        pytest.skip(reason)
     server = SshServer()
-    try:
-        server.start()
-    except RuntimeError as exc:
-        server.stop()
-        print(f"qemu+ssh:// tests skipped: private sshd cannot run here: {exc}")
-        pytest.skip(f"private sshd cannot run here: {exc}")
+    start_or_skip(server, why_unavailable(), "qemu+ssh://")
     try:
         yield server
     finally:
@@ -52,14 +43,6 @@ def sshd(libvirtd: Any) -> Iterator[SshServer]:
 @pytest.fixture
 def ssh_uri(libvirtd: Any, sshd: SshServer) -> str:
     return sshd.libvirt_uri(libvirtd.dir / "sock" / "libvirt-sock")
-
-
-@pytest.fixture
-def no_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A settings file of this test only (none of the machine's)."""
-    path = tmp_path / "settings.toml"
-    monkeypatch.setenv("SNAPFS_CONFIG", str(path))
-    return path
 
 
 def test_ssh_uri_reaches_the_private_daemon(ssh_uri: str, sshd: SshServer) -> None:
