@@ -15,6 +15,7 @@ one table per subsystem::
     max_appliances = 4         # live appliances at once; the least recently used is shut down
     idle_timeout_s = 300       # seconds an unused appliance stays up
     memsize_mb = 768
+    fast_boot = true           # boot an uncompressed copy of the appliance kernel (PVH)
 
     [libvirt]                  # remote libvirt URIs (docs/sources.md, "Remote libvirt hosts")
     nbd_port = 10809           # first TCP port tried for a pull-mode job's NBD server

@@ -34,6 +34,7 @@ import trio
 
 from snapfs.errors import BackendUnavailable, GuestfsError, guess_errno
 
+from . import appliance
 from .settings import GuestfsSettings
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ class _KvmVerdict:
 
     works: bool | None = None
     loaded = False
+
+
+class _FastBootVerdict:
+    """Process-wide: False once a fast-boot launch failed where a normal one may not."""
+
+    works: bool | None = None
 
 
 # How long a remembered KVM verdict holds (a kernel or qemu update may change it).
@@ -200,6 +207,8 @@ class GuestSession:
         self.last_used = 0.0
         self.launch_count = 0
         self.last_launch_backend: str | None = None
+        self.last_launch_fast_boot = False
+        self._fast_boot_used = False  # by the launch attempt under way
         # Hooks of the owner: before a launch (start the NBD servers the disks are on) and
         # after the appliance is gone (release them).
         self.before_launch: Callable[[], Awaitable[None]] | None = None
@@ -303,7 +312,7 @@ class GuestSession:
         for i, mode in enumerate(plan):
             timeout = settings.kvm_launch_timeout_s if mode == "kvm" else settings.launch_timeout_s
             try:
-                await self._launch_once(mode, timeout)
+                await self._launch_with_fast_boot(mode, timeout)
             except BackendUnavailable as exc:
                 self._failure = exc.message
                 if mode == "kvm" and settings.backend == "auto":
@@ -323,18 +332,33 @@ class GuestSession:
                 _KvmVerdict.works = True
             return
 
-    async def _launch_once(self, mode: str, timeout: float) -> None:
+    async def _launch_with_fast_boot(self, mode: str, timeout: float) -> None:
+        """One launch in ``mode``, from the fast-boot appliance when there is one; a fast-boot
+        launch that fails (not one that times out: that is the accelerator's doing) is retried
+        once from libguestfs's own appliance, and fast boot is off for the rest of the process.
+        """
+        fast = self.settings.fast_boot and _FastBootVerdict.works is not False
+        try:
+            await self._launch_once(mode, timeout, fast_boot=fast)
+        except LaunchTimeout:
+            raise
+        except BackendUnavailable as exc:
+            if not (fast and self._fast_boot_used):
+                raise
+            _FastBootVerdict.works = False
+            log.warning(
+                "guestfs %s: fast-boot launch failed (%s); using libguestfs's own appliance "
+                "from now on in this process",
+                self.name,
+                exc.message,
+            )
+            await self._launch_once(mode, timeout, fast_boot=False)
+
+    async def _launch_once(self, mode: str, timeout: float, *, fast_boot: bool) -> None:
+        self._fast_boot_used = False
         tmpdir = tempfile.mkdtemp(prefix="snapfs-gfs-")
         self.attempt_markers.append(tmpdir)
         settings = self.settings
-        log.info(
-            "guestfs %s: launching appliance (%s, %d MiB, %d disk(s), timeout %.0f s)",
-            self.name,
-            mode,
-            settings.memsize_mb,
-            len(self.disks),
-            timeout,
-        )
 
         def create() -> Any:
             import guestfs
@@ -346,6 +370,11 @@ class GuestSession:
                 g.set_memsize(settings.memsize_mb)
                 if mode == "tcg":
                     g.set_backend_settings(["force_tcg"])
+                if fast_boot:
+                    fast = appliance.prepare(g.get_cachedir(), g.get_path())
+                    if fast is not None:
+                        g.set_path(str(fast.path))
+                        self._fast_boot_used = True
                 if settings.debug:
                     _route_events(g, self.name)
                 for index, (disk_name, sock) in enumerate(self.disks):
@@ -393,6 +422,15 @@ class GuestSession:
                 with trio.move_on_after(0.5):
                     await done.wait()
 
+        log.info(
+            "guestfs %s: launching appliance (%s%s, %d MiB, %d disk(s), timeout %.0f s)",
+            self.name,
+            mode,
+            ", fast boot" if self._fast_boot_used else "",
+            settings.memsize_mb,
+            len(self.disks),
+            timeout,
+        )
         start = time.monotonic()
         error: str | None = None
         abandoned = False
@@ -433,7 +471,14 @@ class GuestSession:
         self.launch_count += 1
         self.last_launch_backend = mode
         self.last_used = trio.current_time()
-        log.info("guestfs %s: appliance up in %.1f s (%s)", self.name, elapsed, mode)
+        self.last_launch_fast_boot = self._fast_boot_used
+        log.info(
+            "guestfs %s: appliance up in %.1f s (%s%s)",
+            self.name,
+            elapsed,
+            mode,
+            ", fast boot" if self._fast_boot_used else "",
+        )
 
     # -- shutdown ----------------------------------------------------------------------------
 
