@@ -3,7 +3,9 @@
 Sessions register themselves; before a launch a session asks ``make_room``, which shuts down
 the least recently used idle appliance while the cap is reached. ``run()`` is a long-running
 task (start it in the mount's nursery) that shuts down appliances idle for longer than
-``idle_timeout_s``. Shutting down keeps each session's caches: the next access relaunches.
+``idle_timeout_s`` and, every ``DRAIN_TICK_S``, has each session apply the deferred changes
+no call has carried for that long (``GuestSession.drain``: restore disks' chmod/chown/utimens).
+Shutting down keeps each session's caches: the next access relaunches.
 
 Thread rules: everything here runs on the trio loop; the shutdowns themselves go through
 ``GuestSession.shutdown_appliance`` (worker threads).
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # How often make_room looks again when every live appliance is busy.
 _ROOM_POLL_S = 0.2
+# How long a deferred change may wait for a call to carry it before the pool applies it.
+DRAIN_TICK_S = 0.5
 
 
 class AppliancePool:
@@ -82,11 +86,16 @@ class AppliancePool:
         return count
 
     async def run(self) -> None:
-        """Idle reaper: runs until cancelled."""
+        """Idle reaper and deferred-change drain: runs until cancelled."""
         interval = max(1.0, min(self.settings.idle_timeout_s / 4, 30.0))
+        next_reap = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            await self.shutdown_idle()
+            await trio.sleep(DRAIN_TICK_S)
+            for s in list(self._sessions):
+                await s.drain(older_than=DRAIN_TICK_S)
+            if trio.current_time() >= next_reap:
+                next_reap = trio.current_time() + interval
+                await self.shutdown_idle()
 
     async def aclose(self) -> None:
         """Shut down every appliance (sessions stay usable and relaunch on demand)."""

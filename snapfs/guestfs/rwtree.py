@@ -58,6 +58,7 @@ session's FIFO order is the cache's order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -70,7 +71,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from snapfs.errors import GuestfsError, IsADirectory, NotFound, SnapfsError, guess_errno
+from snapfs.errors import (
+    BackendUnavailable,
+    GuestfsError,
+    IsADirectory,
+    NotFound,
+    SnapfsError,
+    guess_errno,
+)
 
 from .model import DirEntry, GuestStat, View, Volume
 from .session import GuestSession, LaunchState
@@ -92,6 +100,8 @@ WRITE_BEHIND = 8 << 20
 PWRITE_PIECE = 1 << 20
 # Buffered bytes across all files before everything is sent (memory cap).
 _PENDING_MAX = 64 << 20
+# Filesystems whose chmod/chown/utimens of an existing inode succeed for root (deferrable).
+_POSIX_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
 # g.utimens: a nanoseconds field of -2 leaves that time unchanged (UTIME_OMIT).
 _UTIME_OMIT = -2
 
@@ -114,12 +124,32 @@ def _appliance_alive(g: Any) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class DeferredChange:
+    """A metadata change (chmod, chown, utimens) already answered, applied with the next call.
+
+    ``key`` is (volume index, guest inode) for error reports; ``what`` names it in the log."""
+
+    key: tuple[int, int]
+    what: str
+    op: Callable[[Any, LaunchState], None]
+    queued_at: float
+
+
 class RwGuestSession(GuestSession):
     """A session with writable drives that survives the death of its appliance.
 
     A call that fails because the appliance is gone raises ``ApplianceDied`` (EIO), after
     the appliance is shut down (``after_shutdown`` runs: the owner flushes and releases its
     NBD export) and ``on_died`` has been told; the next call launches a new appliance.
+
+    Deferred changes (``defer``): metadata changes the caller has already answered are
+    applied, in the order they came, at the start of the next call's worker-thread job, in
+    front of that call's own work, so they cost no round trip of their own (rsync's chmod and
+    utimens ride on the rename that follows them). Every call carries the changes queued
+    before it, so nothing the appliance does can see the guest without them; ``drain`` (the
+    pool's tick: at most ``DEFER_MAX_S`` later) and an appliance shutdown apply what no call
+    carried. A deferred change that fails is logged and handed to ``on_deferred_failed``.
     """
 
     def __init__(
@@ -131,11 +161,61 @@ class RwGuestSession(GuestSession):
     ) -> None:
         super().__init__(name, disks, settings, pool, readonly=False)
         self.on_died: Callable[[ApplianceDied], None] | None = None
+        self.on_deferred_failed: Callable[[DeferredChange, GuestfsError], None] | None = None
         self.deaths = 0
+        self._deferred: list[DeferredChange] = []
+        self.deferred_stats = {"queued": 0, "drains": 0}
+
+    def defer(
+        self, key: tuple[int, int], what: str, op: Callable[[Any, LaunchState], None]
+    ) -> None:
+        """Queue ``op`` for the start of the next call (see the class docstring)."""
+        self._deferred.append(DeferredChange(key, what, op, trio.current_time()))
+        self.deferred_stats["queued"] += 1
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
+
+    def _apply_deferred_sync(
+        self, g: Any, state: LaunchState, batch: Sequence[DeferredChange], done: list[object]
+    ) -> list[tuple[DeferredChange, GuestfsError]]:
+        """Apply ``batch`` in order (in the job's thread); ``done`` gets one item per change
+        tried. A dead appliance stops it (ApplianceDied); other failures are returned."""
+        failed: list[tuple[DeferredChange, GuestfsError]] = []
+        for change in batch:
+            done.append(change)
+            try:
+                change.op(g, state)
+            except GuestfsError as exc:
+                failed.append((change, exc))
+            except RuntimeError as exc:
+                if not _appliance_alive(g):
+                    raise
+                message = str(exc)
+                failed.append((change, GuestfsError(message, errno=guess_errno(message))))
+        return failed
+
+    def _report_deferred(self, failed: Sequence[tuple[DeferredChange, GuestfsError]]) -> None:
+        for change, exc in failed:
+            log.error(
+                "guestfs %s: %s, already answered as done, failed in the appliance: %s",
+                self.name,
+                change.what,
+                exc.message,
+            )
+            if self.on_deferred_failed is not None:
+                self.on_deferred_failed(change, exc)
 
     async def call(self, fn: Callable[[Any, LaunchState], T], *, launch: bool = True) -> T:
+        batch, self._deferred = self._deferred, []
+        done: list[object] = []
+        failed: list[tuple[DeferredChange, GuestfsError]] = []
+
         def job(g: Any, state: LaunchState) -> T:
             try:
+                if batch:
+                    failed.extend(self._apply_deferred_sync(g, state, batch, done))
                 return fn(g, state)
             except Exception as exc:
                 if _appliance_alive(g):
@@ -150,8 +230,42 @@ class RwGuestSession(GuestSession):
         try:
             return await super().call(job, launch=launch)
         except ApplianceDied as exc:
+            # Applied or not, nothing of the batch was synced: it may be lost.
+            self._report_deferred([(c, exc) for c in batch])
+            batch, failed = [], []
             await self._died(exc)
             raise
+        finally:
+            if len(done) < len(batch):
+                # The job never ran (a launch failed, launch=False, cancelled): keep the rest
+                # in front of what was queued meanwhile.
+                self._deferred[:0] = batch[len(done) :]
+            self._report_deferred(failed)
+
+    async def drain(self, older_than: float = 0.0) -> None:
+        """Apply the deferred changes now if the oldest waited ``older_than`` seconds."""
+        if not self._deferred or not self.launched:
+            return
+        if trio.current_time() - self._deferred[0].queued_at < older_than:
+            return
+        self.deferred_stats["drains"] += 1
+        with contextlib.suppress(BackendUnavailable, GuestfsError):  # logged where raised
+            await self.call(lambda g, state: None, launch=False)
+
+    async def _shutdown_locked(self) -> None:
+        # Deferred changes go in before the appliance stops (an idle or LRU shutdown).
+        g, state, batch = self._g, self._state, self._deferred
+        if g is not None and state is not None and batch:
+            self._deferred = []
+            done: list[object] = []
+            try:
+                failed = await trio.to_thread.run_sync(
+                    self._apply_deferred_sync, g, state, batch, done, limiter=self._limiter
+                )
+            except RuntimeError as exc:  # the appliance is gone: any of them may be lost
+                failed = [(c, GuestfsError(str(exc), errno=errno.EIO)) for c in batch]
+            self._report_deferred(failed)
+        await super()._shutdown_locked()
 
     async def _died(self, exc: ApplianceDied) -> None:
         with trio.CancelScope(shield=True):
@@ -164,7 +278,9 @@ class RwGuestSession(GuestSession):
                           "appliance", exc.message)
                 if self.on_died is not None:
                     self.on_died(exc)
-                await self._shutdown_locked()
+                lost, self._deferred = self._deferred, []
+                self._report_deferred([(c, exc) for c in lost])
+                await GuestSession._shutdown_locked(self)
 
 
 @dataclass
@@ -208,6 +324,36 @@ class RwGuestTree(GuestTree):
         self.after_sync: Callable[[], Awaitable[None]] | None = None
         if isinstance(session, RwGuestSession):
             session.on_died = self._appliance_died
+            session.on_deferred_failed = self._deferred_failed
+
+    def _deferrable(self, vol: Volume, vpath: bytes) -> bool:
+        """Can a change of ``vpath`` wait? Only on filesystems where chmod, chown and utimens
+        of an existing inode do not fail (vfat, ntfs refuse some: EPERM must reach the caller
+        now), and not when the path cannot be passed (EINVAL; the appliance's mountpoints are
+        ASCII)."""
+        if vol.fstype not in _POSIX_FILESYSTEMS:
+            return False
+        try:
+            vpath.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def _deferred_failed(self, change: DeferredChange, exc: GuestfsError) -> None:
+        """A deferred change failed (or may be lost): the file's next flush/fsync/close
+        reports it, and what the cache derived from it is re-read from the guest."""
+        self._write_errors.setdefault(
+            change.key, SnapfsError(f"{change.what}: {exc.message}", errno=exc.errno or errno.EIO)
+        )
+        index = change.key[0]
+        for key, listing in list(self._dirs.items()):
+            if key[0] == index and any(
+                st.guest_ino == change.key[1] for st in listing.entries.values()
+            ):
+                self._drop_listing(key)
+        root = self._roots.get(index)
+        if root is not None and root[0].guest_ino == change.key[1]:
+            self._stale_roots.add(index)
 
     def _appliance_died(self, exc: ApplianceDied) -> None:
         """The appliance is gone with whatever it had not synced: every file written since
@@ -677,10 +823,12 @@ class RwGuestTree(GuestTree):
         *,
         xattrs: bool = False,
         derive: Callable[[GuestStat], GuestStat | None] | None = None,
+        what: str = "change",
     ) -> GuestStat:
         """Run ``op`` on the guest path. ``derive`` (the new metadata from the old, None when
         it cannot tell) saves the ``lstat``: the entry is then stale until re-read (its ctime
-        is the guest's). Only for an inode with one name: other names would go stale too."""
+        is the guest's), and the change itself is deferred to the next appliance call (see
+        ``RwGuestSession``). Only for an inode with one name: other names would go stale."""
         vol, vpath, st = await self._inode_of(view, path)
         await self._before_change(vol, st.guest_ino)
         if derive is not None and not xattrs:
@@ -690,7 +838,16 @@ class RwGuestTree(GuestTree):
                 def quick(g: Any, state: LaunchState) -> None:
                     op(g, self._apath_sync(g, state, vol, vpath))
 
-                await self._call(quick)
+                session = self.session
+                if isinstance(session, RwGuestSession) and self._deferrable(vol, vpath):
+                    # Answered now, applied in front of the next appliance call.
+                    if self._closed:
+                        raise SnapfsError(f"guestfs {session.name}: closed", errno=errno.EIO)
+                    key = (vol.index, st.guest_ino)
+                    session.defer(key, f"{what} of {vol.name}:{vpath!r}", quick)
+                    self._unsynced.add(key)  # lost if the appliance dies before a sync
+                else:
+                    await self._call(quick)
                 cur = self._cached(vol, vpath)
                 derived = derive(cur) if cur is not None else None
                 if derived is not None:
@@ -742,6 +899,7 @@ class RwGuestTree(GuestTree):
         return await self._change_inode(
             view, path, lambda g, ap: g.chmod(perms, ap),
             derive=lambda old: dataclasses.replace(old, mode=(old.mode & ~0o7777) | perms),
+            what=f"chmod {perms:o}",
         )
 
     async def chown(self, view: View, path: bytes, uid: int, gid: int) -> GuestStat:
@@ -755,7 +913,8 @@ class RwGuestTree(GuestTree):
             )
 
         return await self._change_inode(
-            view, path, lambda g, ap: g.lchown(uid, gid, ap), derive=derive
+            view, path, lambda g, ap: g.lchown(uid, gid, ap), derive=derive,
+            what=f"chown {uid}:{gid}",
         )
 
     async def utimens(
@@ -781,7 +940,8 @@ class RwGuestTree(GuestTree):
             )
 
         return await self._change_inode(
-            view, path, lambda g, ap: g.utimens(ap, a_s, a_ns, m_s, m_ns), derive=derive
+            view, path, lambda g, ap: g.utimens(ap, a_s, a_ns, m_s, m_ns), derive=derive,
+            what="utimens",
         )
 
     def _xattr_name(self, name: bytes) -> str:
@@ -1077,9 +1237,18 @@ class RwGuestTree(GuestTree):
                     log.error("guestfs %s: sync/unmount at close failed: %s",
                               self.session.name, exc.message)
                 else:
-                    log.info("guestfs %s: synced and unmounted in %.1f s (derived attributes "
-                             "%d, stale entries re-read %d times)", self.session.name,
-                             time.monotonic() - started, self.stats["derived"],
-                             self.stats["refreshes"])
+                    deferred = getattr(self.session, "deferred_stats", {})
+                    log.info(
+                        "guestfs %s: synced and unmounted in %.1f s (appliance calls %d, "
+                        "derived attributes %d, deferred changes %d, pool drains %d, "
+                        "stale entries re-read %d times)",
+                        self.session.name,
+                        time.monotonic() - started,
+                        self.session.calls,
+                        self.stats["derived"],
+                        deferred.get("queued", 0),
+                        deferred.get("drains", 0),
+                        self.stats["refreshes"],
+                    )
             self._closed = True
             await self.session.aclose()

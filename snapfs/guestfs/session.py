@@ -206,6 +206,7 @@ class GuestSession:
         self.busy = 0
         self.last_used = 0.0
         self.launch_count = 0
+        self.calls = 0  # appliance round trips asked for (each one worker-thread job)
         self.last_launch_backend: str | None = None
         self.last_launch_fast_boot = False
         self._fast_boot_used = False  # by the launch attempt under way
@@ -242,6 +243,7 @@ class GuestSession:
         """
         if self._closed:
             raise BackendUnavailable(f"guestfs session {self.name} is closed")
+        self.calls += 1
         self.busy += 1
         try:
             async with self._lock:
@@ -269,6 +271,9 @@ class GuestSession:
         except RuntimeError as exc:
             message = str(exc)
             raise GuestfsError(message, errno=guess_errno(message)) from exc
+
+    async def drain(self, older_than: float = 0.0) -> None:
+        """Apply changes deferred for ``older_than`` seconds (none here: see RwGuestSession)."""
 
     # -- launch ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import trio
 
 from snapfs.errors import NotFound, SnapfsError
 from snapfs.guestfs import GuestfsSettings, GuestSession, View
-from snapfs.guestfs.rwtree import WRITE_BEHIND, RwGuestTree
+from snapfs.guestfs.rwtree import WRITE_BEHIND, RwGuestSession, RwGuestTree
 from snapfs.guestfs.session import find_qemu_pids
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
@@ -103,9 +103,7 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Disks]:
 
 @pytest.fixture(scope="module")
 def session(disks: Disks) -> Iterator[GuestSession]:
-    s = GuestSession(
-        "restore-test", [(n, disks.socks[n]) for n in ("vda", "vdb")], TCG, readonly=False
-    )
+    s = RwGuestSession("restore-test", [(n, disks.socks[n]) for n in ("vda", "vdb")], TCG)
     yield s
     trio.run(s.aclose)
     for marker in s.attempt_markers:
@@ -353,9 +351,9 @@ async def test_derived_metadata_equals_the_guests(
     and utimens make no lstat of their own, yet every stat afterwards equals a fresh one
     from the guest, ctime included (pauses make each change's ctime differ; vdb's 128-byte
     inodes keep whole seconds, so derived nanoseconds would differ too)."""
-    calls = 0
+    calls = jobs = 0
     names: list[str] = []
-    real_call = session.call
+    real_call = GuestSession.call
 
     class Counted:
         """The real handle; counts the appliance calls made through it."""
@@ -374,16 +372,19 @@ async def test_derived_metadata_equals_the_guests(
 
             return call
 
-    async def counting(fn: Any, **kwargs: Any) -> Any:
-        return await real_call(lambda g, state: fn(Counted(g), state), **kwargs)
+    async def counting(self: GuestSession, fn: Any, **kwargs: Any) -> Any:
+        # Below RwGuestSession.call: the deferred changes it applies are counted too.
+        nonlocal jobs
+        jobs += 1
+        return await real_call(self, lambda g, state: fn(Counted(g), state), **kwargs)
 
     for vname in ("vda", "vdb"):
         view = await rw.volume_view(vname)
         await rw.mkdir(view, b"/rs", 0o755)
         await rw.listdir(view, b"/rs")
-        session.call = counting  # type: ignore[method-assign]
+        GuestSession.call = counting  # type: ignore[method-assign]
         try:
-            calls = 0
+            calls = jobs = 0
             names.clear()
             await rw.create(view, b"/rs/.f.XXXX", 0o600, 0, 0)
             await rw.write(view, b"/rs/.f.XXXX", 0, b"data")
@@ -406,16 +407,21 @@ async def test_derived_metadata_equals_the_guests(
             # mknod + lstatnslist, pwrite + lstat, chmod, lchown, utimens, rename +
             # lstatnslist: no lchown at create (already root's), no lstat after a setattr
             assert calls == 9, " ".join(names)  # was 16
+            # ... in 3 appliance round trips (was 6): chmod, lchown and utimens were
+            # deferred and went in front of the rename, in their order
+            assert jobs == 3, " ".join(names)
+            assert names[4:8] == ["chmod", "lchown", "utimens", "rename"], names
             await rw.create(view, b"/rs/g", 0o644)
             await trio.sleep(0.05)
             await rw.chmod(view, b"/rs/g", 0o600)
             await rw.utimens(view, b"/rs/g", None, 1_400_000_000_555_555_555)
             await rw.chmod(view, b"/rs", 0o700)  # a directory, through its parent
-            calls = 0
+            calls = jobs = 0
             mine = await rw.getattr(view, b"/rs/g")
-            assert calls == 1 and not await rw.stale(view, b"/rs/g")  # one lstatnslist
+            # one round trip: the three deferred changes, then one lstatnslist
+            assert (jobs, calls) == (1, 4) and not await rw.stale(view, b"/rs/g")
         finally:
-            del session.call
+            GuestSession.call = real_call  # type: ignore[method-assign]
         fresh = RwGuestTree(session, ino_salt=b"restore")
         fview = await fresh.volume_view(vname)
         for path in (b"/rs", b"/rs/f", b"/rs/g"):
@@ -436,6 +442,61 @@ async def test_derived_metadata_equals_the_guests(
         theirs = await fresh.getattr(await fresh.volume_view(vname), b"/rs/g")
         assert stat.S_IMODE(theirs.mode) == 0o604
         assert listed[b"g"] == dataclasses.replace(theirs, atime_ns=listed[b"g"].atime_ns)
+
+
+async def test_deferred_changes_drain_and_survive_a_shutdown(
+    rw: RwGuestTree, session: RwGuestSession
+) -> None:
+    """A chmod no later call carries is applied by ``drain`` (the pool's tick) or, at the
+    latest, before the appliance shuts down (idle, LRU)."""
+    view = await rw.volume_view("vda")
+    await rw.create(view, b"/deferred-a", 0o644)
+    await rw.create(view, b"/deferred-b", 0o644)
+    await rw.chmod(view, b"/deferred-a", 0o600)
+    assert session.deferred == 1
+    await session.drain(older_than=60.0)  # too young: stays queued
+    assert session.deferred == 1
+    await session.drain()
+    assert session.deferred == 0
+    await rw.chmod(view, b"/deferred-b", 0o640)
+    assert session.deferred == 1
+    await session.shutdown_appliance()
+    assert session.deferred == 0 and not session.launched
+    rw.forget()  # as the restore disk's after_shutdown does: the next launch is a new one
+    fresh = RwGuestTree(session, ino_salt=b"restore")
+    fview = await fresh.volume_view("vda")
+    assert stat.S_IMODE((await fresh.getattr(fview, b"/deferred-a")).mode) == 0o600
+    assert stat.S_IMODE((await fresh.getattr(fview, b"/deferred-b")).mode) == 0o640
+
+
+async def test_failed_deferred_change_is_reported(
+    rw: RwGuestTree, session: RwGuestSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deferred change that fails in the appliance is logged, reported by the file's next
+    flush, and what the cache derived from it is re-read."""
+    # Earlier tests made second trees on this session: the last one made gets the reports.
+    session.on_deferred_failed = rw._deferred_failed
+    view = await rw.volume_view("vda")
+    await rw.create(view, b"/deferred-c", 0o644)
+    # Made immutable behind the cache's back: the deferred chmod, answered from the cache,
+    # fails (EPERM) when applied.
+    apath = f"/v/{view.mounts[0][1].index}/deferred-c"
+    await session.call(lambda g, state: g.set_e2attrs(apath, "i"))
+    try:
+        st = await rw.chmod(view, b"/deferred-c", 0o600)
+        assert stat.S_IMODE(st.mode) == 0o600 and session.deferred == 1
+        await session.drain()
+        assert "chmod 600 of vda:b'/deferred-c'" in caplog.text
+        assert "failed in the appliance" in caplog.text
+        # The cache was told: the entry is re-read from the guest.
+        assert stat.S_IMODE((await rw.getattr(view, b"/deferred-c")).mode) == 0o644
+        with pytest.raises(SnapfsError) as exc:
+            await rw.flush(view, b"/deferred-c")
+        assert exc.value.errno == errno.EPERM
+        await rw.flush(view, b"/deferred-c")  # reported once
+    finally:
+        await session.call(lambda g, state: g.set_e2attrs(apath, "i", clear=True))
+    await rw.unlink(view, b"/deferred-c")
 
 
 async def test_cache_is_exact(rw: RwGuestTree, session: GuestSession) -> None:
@@ -504,3 +565,4 @@ async def test_close_then_image_holds_everything(
                              capture_output=True).stdout
     assert raw_big[:64] == big and len(raw_big) == 2 * WRITE_BEHIND + 5 * MiB
     _run("e2fsck", "-fn", raw)
+
