@@ -370,12 +370,11 @@ class _RwNode(Node):
         if st is None:
             st = await self._stat()
             return _attrs(self.ino, st)
-        attrs = _attrs(self.ino, st)
-        if await guest.stale(view, path):
-            # Derived locally (chmod, chown, utimens): the guest's ctime is not known yet, so
-            # the kernel must not cache these; the next stat re-reads the entry.
-            attrs = attrs._replace(ttl=0.0)
-        return attrs
+        # Derived locally (chmod, chown, utimens) when the tree says the entry is stale: right
+        # but for the ctime (the host's now until the guest's is re-read, within GUEST_TTL_S).
+        # Cached by the kernel like any reply: with a TTL of 0 every write after an fchmod
+        # made the kernel ask again (file_remove_privs), one appliance round trip per file.
+        return _attrs(self.ino, st)
 
     async def listxattr(self) -> list[bytes]:
         return await self.root.guest.listxattr(self.root.view, self.path)

@@ -737,7 +737,13 @@ class RwGuestTree(GuestTree):
             pending.parts.clear()
             vol, vpath, start = pending.vol, pending.vpath, pending.start
 
-            def job(g: Any, state: LaunchState) -> GuestStat:
+            # With one name, the new size and times are derived (the entry goes stale, to be
+            # re-read with its directory's other stale entries); a hard-linked inode is
+            # re-read now, so that every name of it is updated.
+            cached = self._cached(vol, vpath)
+            derive = cached is not None and cached.nlink <= 1
+
+            def job(g: Any, state: LaunchState) -> GuestStat | None:
                 ap = self._apath_sync(g, state, vol, vpath)
                 view = memoryview(data)
                 done = 0
@@ -746,7 +752,7 @@ class RwGuestTree(GuestTree):
                     if n <= 0:
                         raise GuestfsError(f"pwrite {ap}: wrote nothing", errno=errno.EIO)
                     done += n
-                return self._lstat_sync(g, vol, ap)
+                return None if derive else self._lstat_sync(g, vol, ap)
 
             try:
                 st = await self._call(job)
@@ -759,8 +765,22 @@ class RwGuestTree(GuestTree):
                 self._inflight_end.pop(key, None)
                 if not lock.statistics().tasks_waiting:
                     self._flush_locks.pop(key, None)
-            self._update_inode(vol, vpath, st)
-            self._drop_chunks(vol, st.guest_ino)
+            if st is not None:
+                self._update_inode(vol, vpath, st)
+            else:
+                cur = self._cached(vol, vpath)
+                if cur is not None and cur.guest_ino == key[1]:
+                    now = time.time_ns()
+                    self.stats["derived"] += 1
+                    self._put(
+                        vol,
+                        vpath,
+                        dataclasses.replace(
+                            cur, size=max(cur.size, pending.end), mtime_ns=now, ctime_ns=now
+                        ),
+                        exact=False,
+                    )
+            self._drop_chunks(vol, key[1])
 
     async def flush_all(self) -> None:
         """Send every buffered write (the first failure is raised after trying them all)."""
@@ -851,6 +871,9 @@ class RwGuestTree(GuestTree):
                 cur = self._cached(vol, vpath)
                 derived = derive(cur) if cur is not None else None
                 if derived is not None:
+                    # The guest's ctime is its clock's when the change lands: the host's
+                    # now is what a stat shows until the entry is re-read.
+                    derived = dataclasses.replace(derived, ctime_ns=time.time_ns())
                     self.stats["derived"] += 1
                     self._put(vol, vpath, derived, exact=False)
                     return derived

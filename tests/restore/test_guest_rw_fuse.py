@@ -24,7 +24,7 @@ from snapfs.guestfs import GuestfsSettings
 from snapfs.mount import fuse_options
 from snapfs.nbd.export import ExportManager
 from snapfs.restore.model import RestoreDisk
-from snapfs.restore_guest_vfs import RestoreGuests
+from snapfs.restore_guest_vfs import GUEST_TTL_S, RestoreGuests
 from snapfs.restore_tree import RestoreDir
 from snapfs.vfs import ROOT_INODE, Dir, Tree
 from tests.fusemount import needs_fuse
@@ -52,9 +52,11 @@ def _source_tree(root: Path) -> None:
 
 
 def _setattr_then_stat(files: Path) -> os.stat_result:
-    """chmod, utime and rename make no lstat in the appliance (the tree derives the result);
-    what stat shows right after must still be the guest's own (ctime included: pauses make
-    each change's ctime differ), checked against debugfs after the unmount."""
+    """chmod, utime and rename make no lstat in the appliance (the tree derives the result,
+    and the changes ride on later calls); stat right after shows the derived mode and times
+    (the kernel caches them for GUEST_TTL_S), and once that has passed, the guest's own,
+    ctime included (pauses make each change's ctime differ), checked against debugfs after
+    the unmount."""
     path = files / ".st.XXXX"
     path.write_bytes(b"x")
     time.sleep(0.05)
@@ -68,6 +70,10 @@ def _setattr_then_stat(files: Path) -> os.stat_result:
     after_chmod = os.lstat(path)
     assert after_chmod.st_ctime_ns > st.st_ctime_ns
     os.rename(path, files / "st")
+    derived = os.lstat(files / "st")
+    assert stat.S_IMODE(derived.st_mode) == 0o640
+    assert derived.st_mtime_ns == 1_500_000_000_000_000_000
+    time.sleep(GUEST_TTL_S + 0.2)
     return os.lstat(files / "st")
 
 
