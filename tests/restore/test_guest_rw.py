@@ -25,7 +25,7 @@ import trio
 
 from snapfs.errors import NotFound, SnapfsError
 from snapfs.guestfs import GuestfsSettings, GuestSession, View
-from snapfs.guestfs.rwtree import WRITE_BEHIND, RwGuestSession, RwGuestTree
+from snapfs.guestfs.rwtree import STALE_GRACE_S, WRITE_BEHIND, RwGuestSession, RwGuestTree
 from snapfs.guestfs.session import find_qemu_pids
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
@@ -378,6 +378,7 @@ async def test_derived_metadata_equals_the_guests(
         jobs += 1
         return await real_call(self, lambda g, state: fn(Counted(g), state), **kwargs)
 
+    rw.stale_grace_s = 0.0  # every stat re-reads what was derived
     for vname in ("vda", "vdb"):
         view = await rw.volume_view(vname)
         await rw.mkdir(view, b"/rs", 0o755)
@@ -442,6 +443,34 @@ async def test_derived_metadata_equals_the_guests(
         theirs = await fresh.getattr(await fresh.volume_view(vname), b"/rs/g")
         assert stat.S_IMODE(theirs.mode) == 0o604
         assert listed[b"g"] == dataclasses.replace(theirs, atime_ns=listed[b"g"].atime_ns)
+    rw.stale_grace_s = STALE_GRACE_S
+
+
+async def test_changed_entries_shown_derived_within_the_grace(
+    rw: RwGuestTree, session: RwGuestSession
+) -> None:
+    """Right after a write (or chmod, utimens) a getattr answers from what the daemon
+    derived, without a round trip; once the grace is over it re-reads the guest's values."""
+    view = await rw.volume_view("vda")
+    await rw.create(view, b"/grace", 0o644)
+    await rw.write(view, b"/grace", 0, b"g" * 10000)
+    await rw.flush(view, b"/grace")
+    before = session.calls
+    st = await rw.getattr(view, b"/grace")
+    assert session.calls == before and await rw.stale(view, b"/grace")
+    assert st.size == 10000 and st.blocks >= 20
+    rw.stale_grace_s = 0.2
+    try:
+        await trio.sleep(0.25)
+        again = await rw.getattr(view, b"/grace")
+        assert session.calls == before + 1 and not await rw.stale(view, b"/grace")
+    finally:
+        rw.stale_grace_s = STALE_GRACE_S
+    fresh = RwGuestTree(session, ino_salt=b"restore")
+    theirs = await fresh.getattr(await fresh.volume_view("vda"), b"/grace")
+    assert again == dataclasses.replace(theirs, atime_ns=again.atime_ns)
+    assert (st.size, st.blocks, st.mode) == (theirs.size, theirs.blocks, theirs.mode)
+    await rw.unlink(view, b"/grace")
 
 
 async def test_deferred_changes_drain_and_survive_a_shutdown(
