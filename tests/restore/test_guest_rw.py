@@ -24,7 +24,8 @@ import pytest
 import trio
 
 from snapfs.errors import NotFound, SnapfsError
-from snapfs.guestfs import GuestfsSettings, GuestSession, View
+from snapfs.guestfs import AppliancePool, GuestfsSettings, GuestSession, View
+from snapfs.guestfs.pool import DRAIN_TICK_S
 from snapfs.guestfs.rwtree import STALE_GRACE_S, WRITE_BEHIND, RwGuestSession, RwGuestTree
 from snapfs.guestfs.session import find_qemu_pids
 
@@ -487,6 +488,20 @@ async def test_deferred_changes_drain_and_survive_a_shutdown(
     assert session.deferred == 1
     await session.drain()
     assert session.deferred == 0
+    # The pool's tick (the mount runs AppliancePool.run) applies it within DRAIN_TICK_S.
+    await rw.chmod(view, b"/deferred-a", 0o604)
+    pool = AppliancePool(TCG)
+    pool.register(session)
+    try:
+        with trio.move_on_after(3 * DRAIN_TICK_S + 0.2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.run)
+                while session.deferred:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert session.deferred == 0 and session.deferred_stats["drains"] >= 2
+    finally:
+        pool.unregister(session)
     await rw.chmod(view, b"/deferred-b", 0o640)
     assert session.deferred == 1
     await session.shutdown_appliance()
@@ -494,7 +509,7 @@ async def test_deferred_changes_drain_and_survive_a_shutdown(
     rw.forget()  # as the restore disk's after_shutdown does: the next launch is a new one
     fresh = RwGuestTree(session, ino_salt=b"restore")
     fview = await fresh.volume_view("vda")
-    assert stat.S_IMODE((await fresh.getattr(fview, b"/deferred-a")).mode) == 0o600
+    assert stat.S_IMODE((await fresh.getattr(fview, b"/deferred-a")).mode) == 0o604
     assert stat.S_IMODE((await fresh.getattr(fview, b"/deferred-b")).mode) == 0o640
 
 
