@@ -153,7 +153,7 @@ class GuestTree:
         filesystems = simple_filesystems(devices, probe)
         if filesystems is None:
             log.info("guestfs %s: not a plain layout: probing filesystems", self.session.name)
-            filesystems = g.list_filesystems()
+            filesystems = btrfsvol_api_names(g.list_filesystems(), probe.names)
         names = [self.session.disk_name(i) for i in range(len(devices))]
         volumes: list[Volume] = []
         taken: set[str] = set()
@@ -1240,6 +1240,35 @@ def _btrfs_subvolume(device: str) -> tuple[str, str]:
     """("/dev/sdb", "data/inner") of list_filesystems' "btrfsvol:/dev/sdb/data/inner"."""
     dev, _, sub = device[len("btrfsvol:") :].partition("/dev/")[2].partition("/")
     return f"/dev/{dev}", sub
+
+
+def btrfsvol_api_names(
+    filesystems: dict[str, str], names: devnames.DeviceNames | None
+) -> dict[str, str]:
+    """``list_filesystems`` with its btrfs subvolumes' devices in the API's names.
+
+    libguestfs translates the plain devices it returns to API names but not the device
+    inside "btrfsvol:/dev/sdX/sub" (libguestfs 1.48): when the appliance kernel scanned the
+    disks out of order, that names another drive, so the subvolume got the wrong disk's
+    volume name and its mount went to the wrong disk. Translated here, where the kernel name
+    is the one whose plain entry is btrfs (so a libguestfs that does translate is left
+    alone)."""
+    if names is None:
+        return filesystems
+    out: dict[str, str] = {}
+    for device, fstype in filesystems.items():
+        if device.startswith("btrfsvol:"):
+            dev, sub = _btrfs_subvolume(device)
+            api = names.to_api(dev)
+            if (
+                api is not None
+                and api != dev
+                and filesystems.get(api) == "btrfs"
+                and filesystems.get(dev) != "btrfs"
+            ):
+                device = f"btrfsvol:{api}/{sub}"
+        out[device] = fstype
+    return out
 
 
 def _volume_name(device: str, devices: Sequence[str], disk_names: Sequence[str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from snapfs.guestfs import extents
 from snapfs.guestfs.devnames import DeviceNames, Probe, probe
-from snapfs.guestfs.tree import simple_filesystems
+from snapfs.guestfs.tree import btrfsvol_api_names, simple_filesystems
 
 # The appliance scanned its disks out of order: the API's sda (first drive) is the kernel's sdb.
 SWAPPED = DeviceNames({"/dev/sda": "/dev/sdb", "/dev/sdb": "/dev/sdc", "/dev/sdc": "/dev/sda"})
@@ -100,3 +100,25 @@ def test_devmap_on_kernel_names_lands_on_the_right_drive() -> None:
     devmap = extents.parse_devmap(out, SWAPPED.kernel_disk_index(["/dev/sda", "/dev/sdb",
                                                                    "/dev/sdc"]))
     assert devmap == (extents.Segment(0, 1000000 * 512, 0, 2048 * 512),)
+
+
+def test_btrfs_subvolume_devices_get_api_names() -> None:
+    # The appliance kernel named the drives in reverse: the btrfs disk (API /dev/sdb) is the
+    # kernel's sda, and libguestfs's list_filesystems left that name in its btrfsvol entries.
+    names = DeviceNames({"/dev/sda": "/dev/sdb", "/dev/sdb": "/dev/sda"})
+    listed = {
+        "/dev/sda1": "ext4",
+        "/dev/sdb": "btrfs",
+        "btrfsvol:/dev/sda/data": "btrfs",
+        "btrfsvol:/dev/sda/vols/inner": "btrfs",
+    }
+    assert btrfsvol_api_names(listed, names) == {
+        "/dev/sda1": "ext4",
+        "/dev/sdb": "btrfs",
+        "btrfsvol:/dev/sdb/data": "btrfs",
+        "btrfsvol:/dev/sdb/vols/inner": "btrfs",
+    }
+    # Already in API names (a libguestfs that translates), or in order: unchanged.
+    fine = {"/dev/sda1": "ext4", "/dev/sdb": "btrfs", "btrfsvol:/dev/sdb/data": "btrfs"}
+    assert btrfsvol_api_names(fine, names) == fine
+    assert btrfsvol_api_names(listed, None) == listed
