@@ -175,8 +175,11 @@ class NbdServers:
 
     def serve(self, image: Path) -> str:
         sock = str(self.work / f"{image.stem}.sock")
+        # pdeathsig: a test process that crashes (a segfault in a binding) takes its
+        # servers with it instead of leaving them running.
         proc = subprocess.Popen(
-            ["qemu-nbd", "-r", "-t", "-e", "8", "-f", "qcow2", "-k", sock, str(image)],
+            ["setpriv", "--pdeathsig", "TERM", "--",
+             "qemu-nbd", "-r", "-t", "-e", "8", "-f", "qcow2", "-k", sock, str(image)],
             stderr=subprocess.DEVNULL,
         )
         self.procs.append(proc)

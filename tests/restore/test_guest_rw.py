@@ -86,7 +86,8 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Disks]:
     for name, overlay in overlays.items():
         sock = str(work / f"{name}.sock")
         proc = subprocess.Popen(
-            ["qemu-nbd", "-t", "--shared=4", "-f", "qcow2", "--cache=writeback", "-k", sock,
+            ["setpriv", "--pdeathsig", "TERM", "--",  # gone with a crashed test process
+             "qemu-nbd", "-t", "--shared=4", "-f", "qcow2", "--cache=writeback", "-k", sock,
              str(overlay)],
             stderr=subprocess.DEVNULL,
         )
