@@ -369,7 +369,6 @@ class _RwNode(Node):
             st = await guest.utimens(view, path, changes.atime_ns, changes.mtime_ns)
         if st is None:
             st = await self._stat()
-            return _attrs(self.ino, st)
         # Derived locally (chmod, chown, utimens) when the tree says the entry is stale: right
         # but for the ctime (the host's now until the guest's is re-read, within GUEST_TTL_S).
         # Cached by the kernel like any reply: with a TTL of 0 every write after an fchmod

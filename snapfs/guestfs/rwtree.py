@@ -183,13 +183,12 @@ class RwGuestSession(GuestSession):
         return len(self._deferred)
 
     def _apply_deferred_sync(
-        self, g: Any, state: LaunchState, batch: Sequence[DeferredChange], done: list[object]
+        self, g: Any, state: LaunchState, batch: Sequence[DeferredChange]
     ) -> list[tuple[DeferredChange, GuestfsError]]:
-        """Apply ``batch`` in order (in the job's thread); ``done`` gets one item per change
-        tried. A dead appliance stops it (ApplianceDied); other failures are returned."""
+        """Apply ``batch`` in order (in the job's thread). A dead appliance stops it (the
+        RuntimeError is raised); other failures are returned."""
         failed: list[tuple[DeferredChange, GuestfsError]] = []
         for change in batch:
-            done.append(change)
             try:
                 change.op(g, state)
             except GuestfsError as exc:
@@ -214,13 +213,15 @@ class RwGuestSession(GuestSession):
 
     async def call(self, fn: Callable[[Any, LaunchState], T], *, launch: bool = True) -> T:
         batch, self._deferred = self._deferred, []
-        done: list[object] = []
+        started = False  # the job ran (and with it the batch)
         failed: list[tuple[DeferredChange, GuestfsError]] = []
 
         def job(g: Any, state: LaunchState) -> T:
+            nonlocal started
+            started = True
             try:
                 if batch:
-                    failed.extend(self._apply_deferred_sync(g, state, batch, done))
+                    failed.extend(self._apply_deferred_sync(g, state, batch))
                 return fn(g, state)
             except Exception as exc:
                 if _appliance_alive(g):
@@ -241,10 +242,10 @@ class RwGuestSession(GuestSession):
             await self._died(exc)
             raise
         finally:
-            if len(done) < len(batch):
-                # The job never ran (a launch failed, launch=False, cancelled): keep the rest
+            if not started:
+                # The job never ran (a launch failed, launch=False, cancelled): keep the batch
                 # in front of what was queued meanwhile.
-                self._deferred[:0] = batch[len(done) :]
+                self._deferred[:0] = batch
             self._report_deferred(failed)
 
     async def drain(self, older_than: float = 0.0) -> None:
@@ -262,10 +263,9 @@ class RwGuestSession(GuestSession):
         g, state, batch = self._g, self._state, self._deferred
         if g is not None and state is not None and batch:
             self._deferred = []
-            done: list[object] = []
             try:
                 failed = await trio.to_thread.run_sync(
-                    self._apply_deferred_sync, g, state, batch, done, limiter=self._limiter
+                    self._apply_deferred_sync, g, state, batch, limiter=self._limiter
                 )
             except RuntimeError as exc:  # the appliance is gone: any of them may be lost
                 failed = [(c, GuestfsError(str(exc), errno=errno.EIO)) for c in batch]
@@ -354,14 +354,10 @@ class RwGuestTree(GuestTree):
         self._write_errors.setdefault(
             change.key, SnapfsError(f"{change.what}: {exc.message}", errno=exc.errno or errno.EIO)
         )
-        index = change.key[0]
-        for key, listing in list(self._dirs.items()):
-            if key[0] == index and any(
-                st.guest_ino == change.key[1] for st in listing.entries.values()
-            ):
-                self._drop_listing(key)
+        index, guest_ino = change.key
+        self._forget_inode_names(index, guest_ino)
         root = self._roots.get(index)
-        if root is not None and root[0].guest_ino == change.key[1]:
+        if root is not None and root[0].guest_ino == guest_ino:
             self._stale_roots.add(index)
 
     def _appliance_died(self, exc: ApplianceDied) -> None:
@@ -513,7 +509,7 @@ class RwGuestTree(GuestTree):
         return since is not None and time.monotonic() - since >= self.stale_grace_s
 
     async def stale(self, view: View, path: bytes) -> bool:
-        """Is the cached metadata of ``path`` partly derived (a stat must re-read it)?"""
+        """Is the cached metadata of ``path`` partly derived (to be re-read from the guest)?"""
         vol, vpath = await self._locate(view, path)
         return self._is_stale(vol, vpath)
 
@@ -618,11 +614,12 @@ class RwGuestTree(GuestTree):
         self._dirs.pop(key, None)
         self._stale.pop(key, None)
 
-    def _forget_inode_names(self, vol: Volume, guest_ino: int) -> None:
-        """Drop the listings that hold a name of ``guest_ino`` (its nlink/ctime changed)."""
+    def _forget_inode_names(self, index: int, guest_ino: int) -> None:
+        """Drop the listings of volume ``index`` that hold a name of ``guest_ino`` (its
+        nlink/ctime changed, or what was derived of it is wrong)."""
         stale = [
             key for key, listing in self._dirs.items()
-            if key[0] == vol.index
+            if key[0] == index
             and any(s.guest_ino == guest_ino for s in listing.entries.values())
         ]
         for key in stale:
@@ -641,9 +638,12 @@ class RwGuestTree(GuestTree):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[Any, LaunchState], T]) -> T:
+    def _check_open(self) -> None:
         if self._closed:
             raise SnapfsError(f"guestfs {self.session.name}: closed", errno=errno.EIO)
+
+    async def _call(self, fn: Callable[[Any, LaunchState], T]) -> T:
+        self._check_open()
         return await self.session.call(fn)
 
     async def _target(self, view: View, path: bytes) -> tuple[Volume, bytes]:
@@ -882,8 +882,7 @@ class RwGuestTree(GuestTree):
                 session = self.session
                 if isinstance(session, RwGuestSession) and self._deferrable(vol, vpath):
                     # Answered now, applied in front of the next appliance call.
-                    if self._closed:
-                        raise SnapfsError(f"guestfs {session.name}: closed", errno=errno.EIO)
+                    self._check_open()
                     key = (vol.index, st.guest_ino)
                     session.defer(key, f"{what} of {vol.name}:{vpath!r}", quick)
                     self._unsynced.add(key)  # lost if the appliance dies before a sync
@@ -1176,7 +1175,7 @@ class RwGuestTree(GuestTree):
         parent_st = await self._call(job)
         self._put(vol, vpath, None)
         if st.nlink > 1 and not st.is_dir:
-            self._forget_inode_names(vol, st.guest_ino)
+            self._forget_inode_names(vol.index, st.guest_ino)
         self._put(vol, _split(vpath)[0], parent_st)
         self._drop_chunks(vol, st.guest_ino)
         self._write_errors.pop((vol.index, st.guest_ino), None)
@@ -1237,7 +1236,7 @@ class RwGuestTree(GuestTree):
             if replaced.is_dir:
                 self._forget_subtree(vol, new_vpath)
             elif replaced.nlink > 1:
-                self._forget_inode_names(vol, replaced.guest_ino)
+                self._forget_inode_names(vol.index, replaced.guest_ino)
             self._drop_chunks(vol, replaced.guest_ino)
         if old_listing is None or (st.is_link and link is None):
             self._drop_listing((vol.index, new_parent))

@@ -348,7 +348,7 @@ class GuestSession:
         except LaunchTimeout:
             raise
         except BackendUnavailable as exc:
-            if not (fast and self._fast_boot_used):
+            if not self._fast_boot_used:
                 raise
             _FastBootVerdict.works = False
             log.warning(
