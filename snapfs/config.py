@@ -7,6 +7,7 @@ one table per subsystem::
     connections = 4        # libnbd connections per image
     idle_timeout = 60      # seconds a server with no open files stays up
     read_ahead_kb = 1024   # the mount's kernel read-ahead (0: leave the kernel default)
+    read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -47,6 +48,10 @@ class NbdSettings:
     # FUSE reads arrive as 128 KiB requests by default; 1 MiB makes sequential reads ~3x
     # faster here (see docs/benchmarks.md). Applied to this mount's bdi only, where writable.
     read_ahead_kb: int = 1024
+    # A random read of a snapshot disk smaller than this is served by reading the aligned
+    # window around it, whose rest goes into the page cache (snapfs.readaround): nearby
+    # reads then never reach the daemon. 0 turns it off.
+    read_around_kb: int = 256
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,10 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
         raise SnapfsUserError(f"{path}: [guestfs] {exc}") from None
     if settings.nbd.connections < 1:
         raise SnapfsUserError(f"{path}: nbd.connections must be at least 1")
+    if not 0 <= settings.nbd.read_around_kb <= 16384 or settings.nbd.read_around_kb % 4:
+        raise SnapfsUserError(
+            f"{path}: nbd.read_around_kb must be a multiple of 4 between 0 and 16384"
+        )
     lv = settings.libvirt
     if not (lv.nbd_port > 0 and lv.nbd_ports >= 1 and lv.nbd_port + lv.nbd_ports - 1 <= 65535):
         raise SnapfsUserError(f"{path}: libvirt.nbd_port/nbd_ports must name TCP ports")

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from snapfs.errors import IsADirectory, NotADirectory, SnapfsError, to_errno
+from snapfs.readaround import ReadAround
 from snapfs.vfs import AttrChanges, Attrs, Caller, Dir, File, Node, OpenFile, Tree
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, read_around: ReadAround | None = None) -> None:
         super().__init__()
         self.tree = tree
+        self.read_around = read_around
         self._fh_counter = itertools.count(1)
         self._open_files: dict[int, OpenFile] = {}
+        self._open_inodes: dict[int, int] = {}  # fh → inode, for page-cache stores
         self._open_dirs: dict[int, tuple[Dir, list[tuple[bytes, Node]]]] = {}
 
     # -- names and attributes --------------------------------------------------------
@@ -184,6 +187,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
                 raise
         fh = next(self._fh_counter)
         self._open_files[fh] = handle
+        self._open_inodes[fh] = inode
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
 
     def _handle(self, fh: int) -> OpenFile:
@@ -194,7 +198,14 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
-        return await self._handle(fh).read(off, size)
+        handle = self._handle(fh)
+        around = self.read_around
+        if around is not None and handle.read_around:
+            window = around.window_for(fh, off, size)
+            if window is not None:
+                data = await handle.read(*window)
+                return around.reply(self._open_inodes[fh], window[0], data, off, size)
+        return await handle.read(off, size)
 
     @errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -211,6 +222,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     @errno_boundary
     async def release(self, fh: int) -> None:
         handle = self._open_files.pop(fh, None)
+        self._open_inodes.pop(fh, None)
+        if self.read_around is not None:
+            self.read_around.forget(fh)
         if handle is not None:
             await handle.release()
 

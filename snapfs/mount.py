@@ -14,6 +14,7 @@ the leftover runtime directory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -31,8 +32,14 @@ from snapfs.guest_vfs import GuestFiles
 from snapfs.guestfs import AppliancePool
 from snapfs.libvirt.jobs import is_libvirt_uri
 from snapfs.libvirt.source import LiveJobs
-from snapfs.mountpoint import create_runtime_dir, remove_runtime_dir, set_read_ahead
+from snapfs.mountpoint import (
+    create_runtime_dir,
+    mount_device,
+    remove_runtime_dir,
+    set_read_ahead,
+)
 from snapfs.nbd.export import ExportManager
+from snapfs.readaround import ReadAround
 from snapfs.restore_guest_vfs import RestoreGuests
 from snapfs.restore_tree import RestoreRoot
 from snapfs.sources import load_source, repository_of
@@ -41,16 +48,35 @@ from snapfs.vfs import Dir, Tree, build_tree
 log = logging.getLogger(__name__)
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(read_around: ReadAround) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            # Page-cache stores end only while the main loop answers reads (readaround.py).
+            await read_around.aclose()
             pyfuse3.terminate()
 
 
 # The kernel's FUSE control filesystem: one directory per live connection, named by the
 # mount's device minor number, gone once the kernel has ended the connection.
 FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(mountpoint: Path) -> bool:
+    """End the kernel's FUSE connection of ``mountpoint`` (its fusectl ``abort``): every
+    request waiting for this daemon fails with ENOTCONN. True if written."""
+    device = mount_device(mountpoint)
+    if device is None:
+        return False  # unmounted: the connection has ended already
+    connection = FUSECTL / device.split(":")[1]
+    try:
+        (connection / "abort").write_text("1\n")
+    except OSError as exc:
+        log.error("cannot abort the FUSE connection %s: %s", connection, exc)
+        return False
+    return True
+
+
 # After the kernel ended the connection (an unmount), requests still being handled get this
 # long to finish; then they are cancelled, so that a handler stuck on an appliance or a
 # server cannot keep the daemon, and everything it started, alive.
@@ -167,7 +193,8 @@ async def serve(
                 snapshot_hook=guest_files.add_to_snapshot,
                 root_hook=add_restore_area,
             )
-            operations = Operations(tree)
+            read_around = ReadAround(settings.nbd.read_around_kb << 10, nursery)
+            operations = Operations(tree, read_around)
             pyfuse3.init(
                 operations,
                 str(mountpoint),
@@ -175,7 +202,7 @@ async def serve(
             )
             main_returned = trio.Event()
             try:
-                nursery.start_soon(_terminate_on_signals)
+                nursery.start_soon(_terminate_on_signals, read_around)
                 nursery.start_soon(exports.reap_idle)
                 nursery.start_soon(
                     _after_init, mountpoint, settings, source, on_ready, main_returned
@@ -184,6 +211,8 @@ async def serve(
             finally:
                 main_returned.set()
                 with trio.CancelScope(shield=True):
+                    # No page-cache store may be inside libfuse when the session goes.
+                    await read_around.aclose(functools.partial(abort_connection, mountpoint))
                     # Unmount first so that no request waits on a stopping server.
                     pyfuse3.close(unmount=True)
                     # Appliances first: they are clients of the exports.
@@ -194,6 +223,7 @@ async def serve(
                     if live is not None:
                         await live.aclose()
                 nursery.cancel_scope.cancel()
+                log.info("%s", read_around.summary())
                 log.info(
                     "FUSE requests served: %s",
                     ", ".join(f"{op} {n}" for op, n in REQUEST_COUNTS.most_common()) or "none",

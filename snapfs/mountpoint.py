@@ -130,17 +130,23 @@ def daemon_pid(mountpoint: Path) -> int | None:
     return pid if b"snapfs" in cmdline else None
 
 
-def set_read_ahead(mountpoint: Path, kb: int) -> int | None:
-    """Set this mount's kernel read-ahead (bigger FUSE read requests); the value now in force,
-    or None when the mount or its bdi cannot be found."""
+def mount_device(mountpoint: Path) -> str | None:
+    """The "major:minor" of the filesystem mounted at ``mountpoint`` (from mountinfo: this
+    asks nothing of the filesystem, so it is safe on our own mount while not serving)."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
             if len(parts) > 4 and _unescape(parts[4]) == str(mountpoint):
-                device = parts[2]
-                break
-        else:
-            return None
+                return parts[2]
+    return None
+
+
+def set_read_ahead(mountpoint: Path, kb: int) -> int | None:
+    """Set this mount's kernel read-ahead (bigger FUSE read requests); the value now in force,
+    or None when the mount or its bdi cannot be found."""
+    device = mount_device(mountpoint)
+    if device is None:
+        return None
     knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
     with contextlib.suppress(OSError):
         knob.write_text(f"{kb}\n")

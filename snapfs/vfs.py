@@ -302,6 +302,9 @@ class OpenFile:
 
     keep_cache = True
     direct_io = False  # bypass the page cache and st_size (content of unknown size)
+    # Random reads may be widened to a window whose rest is stored in the page cache
+    # (snapfs.readaround): only for data that never changes under the page cache.
+    read_around = False
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
@@ -411,6 +414,7 @@ class _DiskHandle(OpenFile):
         self._released = False
         # A live view's job may end and restart at a later point in time: no stale pages.
         self.keep_cache = not export.restartable_source
+        self.read_around = self.keep_cache and export.readonly
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.

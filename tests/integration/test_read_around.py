@@ -1,0 +1,201 @@
+"""Read-around through a real mount: a random read of a snapshot disk stores its window in
+the kernel's page cache (FUSE notify_store), so nearby reads never reach the daemon.
+
+Checked against ``qemu-img convert -O raw`` of the image, with page-cache residency from
+``fincore`` and the daemon's own count of read requests (logged at unmount).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from snapfs.catalog import writer
+from tests import imaging
+from tests.fusemount import Mounted, kill_tree_check, mounted, needs_fuse, start_mount
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+KiB = 1024
+MiB = 1 << 20
+WINDOW = 256 * KiB  # the default [nbd] read_around_kb
+SIZE = 16 * MiB + 12 * KiB  # not a multiple of the window: the last one is short
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A repository with one qcow2 disk (data, holes, a short last window) and its bytes."""
+    tmp = tmp_path_factory.mktemp("readaround")
+    repo = tmp / "repo"
+    writer.init_repository(repo)
+    data = [(0, 8 * MiB), (10 * MiB + 100 * KiB, 40 * KiB), (SIZE - 8 * KiB, 8 * KiB)]
+    src = imaging.random_raw(tmp / "src.raw", SIZE, data)
+    writer.add_snapshot(
+        repo, "vm", [writer.DiskSource("vda", src, "raw")], format="qcow2", name="s1",
+        created=1_700_000_000,
+    )  # fmt: skip
+    image = next((repo / "vms").rglob("vda.qcow2"))
+    return repo, imaging.to_raw(image, tmp / "ref.raw")
+
+
+def image_of(m: Mounted) -> Path:
+    return m.path / "vm" / "snapshots" / "s1" / "disks" / "vda.img"
+
+
+def resident_bytes(path: Path) -> int:
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return int(out.split()[0])
+
+
+def wait_resident(path: Path, expected: int, timeout: float = 10.0) -> int:
+    """Resident bytes of ``path`` once they reach ``expected`` (stores run after the reply)."""
+    deadline = time.monotonic() + timeout
+    while (got := resident_bytes(path)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def evict(fd: int) -> None:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def reads_served(m: Mounted) -> int:
+    """The daemon's read requests, from its unmount summary (call after unmounting)."""
+    found = re.search(r"FUSE requests served: .*\bread (\d+)", m.log_text())
+    assert found, m.log_text()
+    return int(found.group(1))
+
+
+def test_random_read_stores_its_window(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    repo, ref = disk
+    offset = 3 * MiB + 40 * KiB
+    start = offset - offset % WINDOW
+    with mounted(repo, tmp_path / "m") as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            assert resident_bytes(img) == 0
+            assert os.pread(fd, 4096, offset) == ref[offset : offset + 4096]
+            # The window is in the page cache: exactly it, nothing more.
+            assert wait_resident(img, WINDOW) == WINDOW
+            # Every page of it reads right, from the page cache (in random order).
+            pages = list(range(start, start + WINDOW, 4096))
+            random.Random(7).shuffle(pages)
+            for page in pages:
+                assert os.pread(fd, 4096, page) == ref[page : page + 4096], page
+        finally:
+            os.close(fd)
+    # The 64 page reads above reached the daemon once: the first one.
+    assert reads_served(m) == 1
+    assert "read-around: 1 random reads widened, 0.2 MiB stored" in m.log_text()
+
+
+def test_read_around_off_reads_as_asked(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    repo, ref = disk
+    config = tmp_path / "config.toml"
+    config.write_text("[nbd]\nread_around_kb = 0\n")
+    with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            for page in (3 * MiB + 40 * KiB, 3 * MiB, 3 * MiB + 200 * KiB, 3 * MiB + 100 * KiB):
+                assert os.pread(fd, 4096, page) == ref[page : page + 4096]
+            time.sleep(0.5)
+            assert resident_bytes(img) == 4 * 4096
+        finally:
+            os.close(fd)
+    assert reads_served(m) == 4
+
+
+def test_windows_over_holes_and_the_disk_end_read_right(
+    disk: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    """Random reads everywhere (data, holes, the data/hole edges, the short last window), then
+    the whole file through the page cache they filled: equal to qemu-img's bytes."""
+    repo, ref = disk
+    rng = random.Random(3)
+    offsets = [SIZE - 4096, SIZE - 100, 8 * MiB - 2048, 10 * MiB + 100 * KiB - 10, 12 * MiB]
+    offsets += [rng.randrange(0, SIZE) for _ in range(200)]
+    with mounted(repo, tmp_path / "m") as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            for offset in offsets:
+                size = rng.choice((1, 512, 4096, 5000))
+                assert os.pread(fd, size, offset) == ref[offset : offset + size], offset
+            wait_resident(img, WINDOW)
+            assert img.read_bytes() == ref
+        finally:
+            os.close(fd)
+        assert "read-around: cannot store" not in m.log_text()
+
+
+def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    """SIGTERM while random readers keep stores in flight: the daemon drains them and exits
+    cleanly, its server goes, nothing stays mounted."""
+    repo, ref = disk
+    m = start_mount(repo, tmp_path / "m")
+    img = image_of(m)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            fd = os.open(img, os.O_RDONLY)
+        except OSError as exc:
+            errors.append(exc)
+            return
+        try:
+            while not stop.is_set():
+                evict(fd)
+                for _ in range(50):
+                    offset = rng.randrange(0, SIZE - 4096)
+                    if os.pread(fd, 4096, offset) != ref[offset : offset + 4096]:
+                        errors.append(AssertionError(f"wrong bytes at {offset}"))
+                    reads[0] += 1
+        except OSError:
+            pass  # the mount went away under the reader: expected
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while reads[0] < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        servers = m.server_pids()
+        assert servers
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(30) == 0, m.log_text()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        if m.proc.poll() is None:
+            m.proc.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
+    assert errors == []
+    assert kill_tree_check(servers) == []
+    log = m.log_text()
+    assert "stores did not end" not in log
+    assert re.search(r"read-around: [1-9]\d* random reads widened", log), log

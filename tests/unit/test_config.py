@@ -1,0 +1,43 @@
+"""The settings file: defaults, values, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapfs.config import Settings, load_settings
+from snapfs.errors import SnapfsUserError
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    assert load_settings(tmp_path / "none.toml") == Settings()
+    assert Settings().nbd.read_around_kb == 256
+
+
+def test_read_around_setting(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[nbd]\nread_around_kb = 1024\n")
+    assert load_settings(path).nbd.read_around_kb == 1024
+    path.write_text("[nbd]\nread_around_kb = 0\n")
+    assert load_settings(path).nbd.read_around_kb == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[nbd]\nread_around_kb = 6\n", "multiple of 4"),
+        ("[nbd]\nread_around_kb = -4\n", "multiple of 4"),
+        ("[nbd]\nread_around_kb = 32768\n", "between 0 and 16384"),
+        ('[nbd]\nread_around_kb = "256"\n', "must be int"),
+        ("[nbd]\nread_arround_kb = 256\n", "unknown setting 'read_arround_kb'"),
+        ("[nbd]\nconnections = 0\n", "at least 1"),
+        ("[nbd\n", "cannot read settings"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(SnapfsUserError, match=message) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
