@@ -200,9 +200,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         around = self.read_around
-        if around is not None and handle.read_around:
+        if around is not None:
             window = around.window_for(fh, off, size)
-            if window is not None:
+            if window is not None and handle.may_widen(off, size):
                 data = await handle.read(*window)
                 return around.reply(self._open_inodes[fh], window[0], data, off, size)
         return await handle.read(off, size)

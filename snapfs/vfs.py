@@ -302,9 +302,11 @@ class OpenFile:
 
     keep_cache = True
     direct_io = False  # bypass the page cache and st_size (content of unknown size)
-    # Random reads may be widened to a window whose rest is stored in the page cache
-    # (snapfs.readaround): only for data that never changes under the page cache.
-    read_around = False
+    def may_widen(self, offset: int, size: int) -> bool:
+        """Whether a random read here may be widened to a window whose rest is stored in the
+        page cache (snapfs.readaround): only data that never changes under the page cache,
+        and only where widening saves a read from the server."""
+        return False
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
@@ -414,7 +416,12 @@ class _DiskHandle(OpenFile):
         self._released = False
         # A live view's job may end and restart at a later point in time: no stale pages.
         self.keep_cache = not export.restartable_source
-        self.read_around = self.keep_cache and export.readonly
+
+    def may_widen(self, offset: int, size: int) -> bool:
+        # A read of holes is answered without the server; filling the page cache with more
+        # zeros costs more than it saves (measured: docs/benchmarks.md, session 5).
+        export = self._export
+        return self.keep_cache and export.readonly and export.may_hold_data(offset, size)
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.

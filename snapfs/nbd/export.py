@@ -358,6 +358,10 @@ class DiskExport:
         log.error("I/O on %s failed: %s (%s)", self.image, exc, reason)
         await self.stop()
 
+    def may_hold_data(self, offset: int, size: int) -> bool:
+        """False only when the extent map says ``[offset, offset+size)`` is all holes."""
+        return self.extents is None or self.extents.has_data(offset, size)
+
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes of the disk at ``offset`` (short at the end of the disk); a fresh copy."""
         return bytes(await self.read_transient(offset, size))

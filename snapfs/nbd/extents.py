@@ -52,6 +52,11 @@ class ExtentMap:
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self._starts, self._ends, strict=True))
 
+    def has_data(self, offset: int, length: int) -> bool:
+        """Whether any byte of ``[offset, offset+length)`` is data (not a hole)."""
+        i = bisect.bisect_right(self._ends, offset)
+        return i < len(self._starts) and self._starts[i] < offset + length
+
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         """Split ``[offset, offset+length)`` into data and zero segments, in order."""
         end = offset + length

@@ -103,6 +103,23 @@ def test_random_read_stores_its_window(disk: tuple[Path, bytes], tmp_path: Path)
     assert "read-around: 1 random reads widened, 0.2 MiB stored" in m.log_text()
 
 
+def test_reads_of_holes_are_not_widened(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    """A hole costs no server read: widening it would only fill the page cache with zeros."""
+    repo, ref = disk
+    with mounted(repo, tmp_path / "m") as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            assert os.pread(fd, 4096, 12 * MiB) == bytes(4096)
+            # The same window holds data further on: a read touching it is widened.
+            assert os.pread(fd, 4096, 10 * MiB + 96 * KiB) == ref[10 * MiB + 96 * KiB :][:4096]
+            assert wait_resident(img, 4096 + WINDOW) == 4096 + WINDOW
+        finally:
+            os.close(fd)
+    assert "read-around: 1 random reads widened" in m.log_text()
+
+
 def test_read_around_off_reads_as_asked(disk: tuple[Path, bytes], tmp_path: Path) -> None:
     repo, ref = disk
     config = tmp_path / "config.toml"
