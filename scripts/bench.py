@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -601,7 +602,10 @@ def disk_seq_whole(bench: Bench) -> None:
         return time.perf_counter() - start
 
     tools["nbdcopy → null: (context)"] = (fx.snapfs_file, nbdcopy)  # path: only evicted
-    compare(bench, "2 seq read, whole sparse image", img.size, tools, {"nbdfuse": 3.0}, setup)
+    compare(bench, WHOLE_IMAGE, img.size, tools, {"nbdfuse": 3.0}, setup)
+
+
+WHOLE_IMAGE = "2 seq read, whole sparse image"
 
 
 def _random_offsets(bench: Bench, ranges: list[tuple[int, int]]) -> list[int]:
@@ -645,6 +649,85 @@ def disk_random_whole(bench: Bench) -> None:
     tools: dict[str, Tool] = {"snapfs": (fx.snapfs_file, read), "nbdfuse": (fx.nbdfuse_file, read)}
     name = f"3 random 4 KiB x{len(offsets)}, whole image"
     compare(bench, name, len(offsets) * KiB4, tools, {"nbdfuse": 1.0})
+
+
+def budgeted_read(
+    fx: DiskFixture, ranges: list[tuple[int, int]], pids: dict[str, int]
+) -> dict[str, float]:
+    """Read ``ranges`` of the evicted snapfs file; CPU seconds per MiB of each process."""
+    fx.evict(fx.snapfs_file)
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    thread_before = resource.getrusage(resource.RUSAGE_THREAD)
+    elapsed = seq_read(fx.snapfs_file, ranges)
+    thread_after = resource.getrusage(resource.RUSAGE_THREAD)
+    mib = sum(length for _, length in ranges) / MiB
+    cost = {name: (cpu_seconds(pid) - before[name]) / mib for name, pid in pids.items()}
+    reader = (thread_after.ru_utime - thread_before.ru_utime) + (
+        thread_after.ru_stime - thread_before.ru_stime
+    )
+    cost["reader"] = reader / mib
+    cost["wall"] = elapsed / mib
+    return cost
+
+
+def holes_of(img: DiskImage) -> list[tuple[int, int]]:
+    holes, pos = [], 0
+    for offset, length in sorted(img.regions):
+        if offset > pos:
+            holes.append((pos, offset - pos))
+        pos = offset + length
+    if pos < img.size:
+        holes.append((pos, img.size - pos))
+    return holes
+
+
+@case("disk")
+def disk_cpu_budget(bench: Bench) -> None:
+    """5. Where the whole-image read's time goes: CPU per MiB of the reader, the snapfs daemon
+    and its qemu-nbd, for data and for holes; the fastest whole-image read that budget allows
+    on this machine's cores, and the ratio to nbdfuse that would give (context for case 2)."""
+    fx = bench.disk()
+    img = fx.image
+    pid = fx.snapfs_pid()
+    server = subprocess.run(
+        ["pgrep", "-P", str(pid), "qemu-nbd"], capture_output=True, text=True
+    ).stdout.split()
+    if pid is None or not server:
+        console.log("no snapfs daemon or server to measure: case skipped")
+        return
+    pids = {"daemon": pid, "qemu-nbd": int(server[0])}
+    cores = os.cpu_count() or 1
+    parts = {"data": sorted(img.regions), "holes": holes_of(img)}
+    costs: dict[str, list[dict[str, float]]] = {part: [] for part in parts}
+    for _ in range(bench.opts.runs):
+        for part, ranges in parts.items():
+            costs[part].append(budgeted_read(fx, ranges, pids))
+    bound = 0.0
+    notes = []
+    for part, ranges in parts.items():
+        median = {k: statistics.median(c[k] for c in costs[part]) for k in costs[part][0]}
+        cpu = {k: v for k, v in median.items() if k != "wall"}
+        # Wall time per MiB is at least the busiest single process (reader and daemon are
+        # one thread each) and at least all CPU spread perfectly over the cores.
+        floor = max(max(cpu.values()), sum(cpu.values()) / cores)
+        mib = sum(length for _, length in ranges) / MiB
+        bound += floor * mib
+        notes.append(
+            f"{part}: " + ", ".join(f"{k} {v * 1000:.2f}" for k, v in cpu.items())
+            + f" ms CPU/MiB; measured {median['wall'] * 1000:.2f}, best possible"
+            f" {floor * 1000:.2f} ms/MiB"
+        )
+    row = Row("disk", "5 CPU budget of the whole-image read", "snapfs, best possible (context)",
+              img.size, [bound])  # fmt: skip
+    whole = [r for r in bench.rows if r.case == WHOLE_IMAGE and r.tool == "nbdfuse"]
+    if whole:
+        row.ratio = whole[0].median / bound
+    row.note = "; ".join(notes) + (
+        f"; {cores} cores. The ratio column is nbdfuse (case 2) ÷ this bound: the most snapfs"
+        " could reach with these per-MiB costs at perfect overlap"
+    )
+    row.extra = {"costs": costs, "cores": cores}
+    bench.add(row)
 
 
 @case("disk")
