@@ -340,7 +340,9 @@ class GuestSession:
     async def _launch_with_fast_boot(self, mode: str, timeout: float) -> None:
         """One launch in ``mode``, from the fast-boot appliance when there is one; a fast-boot
         launch that fails (not one that times out: that is the accelerator's doing) is retried
-        once from libguestfs's own appliance, and fast boot is off for the rest of the process.
+        once from libguestfs's own appliance. Only if that one launches is fast boot blamed and
+        turned off for the rest of the process: when both fail (KVM unusable, say), the cause
+        is elsewhere and fast boot stays on.
         """
         fast = self.settings.fast_boot and _FastBootVerdict.works is not False
         try:
@@ -350,14 +352,18 @@ class GuestSession:
         except BackendUnavailable as exc:
             if not self._fast_boot_used:
                 raise
-            _FastBootVerdict.works = False
             log.warning(
-                "guestfs %s: fast-boot launch failed (%s); using libguestfs's own appliance "
-                "from now on in this process",
+                "guestfs %s: fast-boot launch failed (%s); trying libguestfs's own appliance",
                 self.name,
                 exc.message,
             )
             await self._launch_once(mode, timeout, fast_boot=False)
+            _FastBootVerdict.works = False
+            log.warning(
+                "guestfs %s: libguestfs's own appliance launched where fast boot failed: "
+                "fast boot is off for the rest of this process",
+                self.name,
+            )
 
     async def _launch_once(self, mode: str, timeout: float, *, fast_boot: bool) -> None:
         self._fast_boot_used = False

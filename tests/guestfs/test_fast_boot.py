@@ -12,6 +12,7 @@ from pathlib import Path
 import guestfs
 import pytest
 
+from snapfs.errors import BackendUnavailable
 from snapfs.guestfs import GuestfsSettings, GuestSession, appliance
 from snapfs.guestfs import session as session_mod
 from snapfs.guestfs.appliance import NotBootable, check_pvh_entry, vmlinux_from_bzimage
@@ -199,3 +200,30 @@ async def test_broken_fast_boot_falls_back_to_the_normal_appliance(
         await s.aclose()
     for marker in s.attempt_markers:
         assert find_qemu_pids(marker) == []
+
+
+@pytest.mark.parametrize("normal_launch_works", [True, False])
+async def test_fast_boot_is_blamed_only_when_the_normal_appliance_launches(
+    monkeypatch: pytest.MonkeyPatch, normal_launch_works: bool
+) -> None:
+    # Stubbed launches (the two outcomes cannot be produced on demand with a real
+    # accelerator): a KVM failure fails both attempts and must not turn fast boot off.
+    attempts: list[bool] = []
+
+    async def launch_once(self: GuestSession, mode: str, timeout: float, *, fast_boot: bool):
+        attempts.append(fast_boot)
+        self._fast_boot_used = fast_boot
+        if fast_boot or not normal_launch_works:
+            raise BackendUnavailable(f"{mode} launch failed")
+
+    monkeypatch.setattr(GuestSession, "_launch_once", launch_once)
+    monkeypatch.setattr(session_mod._FastBootVerdict, "works", None)
+    s = GuestSession("verdict", [("vda", "/nonexistent.sock")], GuestfsSettings(backend="kvm"))
+    if normal_launch_works:
+        await s._launch_with_fast_boot("kvm", 1.0)
+        assert session_mod._FastBootVerdict.works is False
+    else:
+        with pytest.raises(BackendUnavailable):
+            await s._launch_with_fast_boot("kvm", 1.0)
+        assert session_mod._FastBootVerdict.works is None
+    assert attempts == [True, False]
