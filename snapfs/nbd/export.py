@@ -384,10 +384,10 @@ class DiskExport:
         extents = self.extents
         if extents is None:
             segments = [(offset, offset + size, True)]
+        elif size <= len(_ZEROS) and not extents.has_data(offset, size):
+            return _ZEROS[:size]  # a hole: no round trip, no copy
         else:
             segments = [(s.start, s.end, s.data) for s in extents.segments(offset, size)]
-            if len(segments) == 1 and not segments[0][2] and size <= len(_ZEROS):
-                return _ZEROS[:size]  # a hole: no round trip, no copy
         # Out of the pool while this read fills it; back in when done (below).
         buf = self._buffers.pop(size, None) or bytearray(size)
         view = memoryview(buf)
