@@ -193,7 +193,7 @@ async def serve(
                 snapshot_hook=guest_files.add_to_snapshot,
                 root_hook=add_restore_area,
             )
-            read_around = ReadAround(settings.nbd.read_around_kb << 10, nursery)
+            read_around = ReadAround(settings.nbd.read_around_kb << 10)
             operations = Operations(tree, read_around)
             pyfuse3.init(
                 operations,

@@ -2,8 +2,8 @@
 kernel's page cache.
 
 Owns when a read counts as random, the window read in its place, and the page-cache stores
-of the window's rest (FUSE_NOTIFY_STORE through ``pyfuse3.notify_store``, in worker
-threads), including stopping them before the FUSE session goes away.
+of the window's rest (FUSE_NOTIFY_STORE through ``pyfuse3.notify_store``, on a thread of
+their own), including stopping them before the FUSE session goes away.
 
 Why: the kernel sends a random 4 KiB read as one 4 KiB FUSE request, and on this machine a
 FUSE request through pyfuse3 + trio plus an NBD round trip costs more than nbdfuse's whole
@@ -18,8 +18,9 @@ Only for data that cannot change under the page cache (snapshot disks, ``keep_ca
 storing pages of a writable file could overwrite newer data.
 
 Thread rules: ``window_for`` and ``reply`` run on the trio loop and never block; stores run
-in worker threads, because a store waits for page locks that the kernel holds while a read
-of those pages is queued for this daemon, and only the loop can answer it. Hence also the
+on one store thread of their own (fed by a queue: no trio round trip per store), because a
+store waits for page locks that the kernel holds while a read of those pages is queued for
+this daemon, and only the loop can answer it. Hence also the
 shutdown rule: stores must finish while the main loop still answers requests (``aclose``
 before ``pyfuse3.terminate``), and after the main loop ended, a store that does not finish
 is released by aborting the FUSE connection (``abort``) before the session is closed.
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import queue
+import threading
 from collections.abc import Callable
 
 import pyfuse3
@@ -36,8 +39,6 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# Stores run on at most this many worker threads (each is a copy into the page cache).
-STORE_THREADS = 2
 # A random read is served as asked while this many bytes wait to be stored: memory stays
 # bounded when stores fall behind.
 MAX_PENDING_BYTES = 32 << 20
@@ -50,15 +51,19 @@ StoreFn = Callable[[int, int, bytes], None]
 class ReadAround:
     """Read-around for one mount: ``window`` bytes per random read (0: off)."""
 
-    def __init__(self, window: int, nursery: trio.Nursery, *, store: StoreFn | None = None) -> None:
+    def __init__(self, window: int, *, store: StoreFn | None = None) -> None:
         self.window = max(0, window)
-        self._nursery = nursery
         self._store_fn: StoreFn = store or pyfuse3.notify_store
-        self._limiter = trio.CapacityLimiter(STORE_THREADS)
+        self._queue: queue.SimpleQueue[tuple[int, list[tuple[int, bytes]], int] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
         self._ends: dict[int, int] = {}  # file handle → end of its previous read
+        # Shared with the store thread, under the lock.
+        self._lock = threading.Lock()
         self._pending = 0
         self._pending_bytes = 0
-        self._idle = trio.Event()
+        self._idle = threading.Event()
         self._idle.set()
         self._closed = False
         self._warned = False
@@ -106,23 +111,38 @@ class ReadAround:
         if pieces and not self._closed:
             self.reads += 1
             nbytes = sum(len(piece) for _, piece in pieces)
-            self._pending += 1
-            self._pending_bytes += nbytes
-            self._idle = trio.Event() if self._idle.is_set() else self._idle
-            self._nursery.start_soon(self._store, ino, pieces, nbytes)
+            with self._lock:
+                self._pending += 1
+                self._pending_bytes += nbytes
+                self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._store_loop, name="snapfs-read-around", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((ino, pieces, nbytes))
         return view[head:tail]
 
-    async def _store(self, ino: int, pieces: list[tuple[int, bytes]], nbytes: int) -> None:
-        try:
-            await trio.to_thread.run_sync(self._store_sync, ino, pieces, limiter=self._limiter)
-        finally:
-            self._pending -= 1
-            self._pending_bytes -= nbytes
-            if self._pending == 0:
-                self._idle.set()
+    def _store_loop(self) -> None:
+        """The store thread: one queued window after the other, until ``None``.
+
+        A daemon thread: a store the kernel never lets finish must not keep the process.
+        """
+        while (job := self._queue.get()) is not None:
+            ino, pieces, nbytes = job
+            try:
+                self._store_sync(ino, pieces)
+            except Exception:
+                log.exception("read-around: store thread error (the store is skipped)")
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._pending_bytes -= nbytes
+                    if self._pending == 0:
+                        self._idle.set()
 
     def _store_sync(self, ino: int, pieces: list[tuple[int, bytes]]) -> None:
-        """In a worker thread: may wait for page locks of reads the loop is answering."""
+        """On the store thread: may wait for page locks of reads the loop is answering."""
         for offset, data in pieces:
             try:
                 self._store_fn(ino, offset, data)
@@ -146,8 +166,8 @@ class ReadAround:
         connection, which fails the reads whose pages they wait for, and they return.
         """
         self._closed = True
-        with trio.move_on_after(DRAIN_TIMEOUT_S):
-            await self._idle.wait()
+        if await self._wait_idle():
+            self._stop_thread()
             return
         aborted = abort() if abort is not None else False
         log.warning(
@@ -156,11 +176,25 @@ class ReadAround:
             DRAIN_TIMEOUT_S,
             "aborted the FUSE connection" if aborted else "cannot abort the FUSE connection",
         )
-        with trio.move_on_after(DRAIN_TIMEOUT_S):
-            await self._idle.wait()
+        if await self._wait_idle():
+            self._stop_thread()
             return
         # Not reached unless the kernel keeps the pages locked: shutting down beats hanging.
         log.error("read-around: %d page-cache stores did not end; going on", self._pending)
+        self._stop_thread()  # the thread ends whenever its store returns
+
+    async def _wait_idle(self) -> bool:
+        """Whether the stores ended within ``DRAIN_TIMEOUT_S`` (waited for off the loop)."""
+        if self._idle.is_set():
+            return True
+        ended: bool = await trio.to_thread.run_sync(
+            self._idle.wait, DRAIN_TIMEOUT_S, cancellable=True
+        )
+        return ended
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)  # it ends after the (already finished) queue
 
     def summary(self) -> str:
         return (
