@@ -24,6 +24,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -55,6 +56,12 @@ RETRY_AFTER_S = 30.0
 # Data reads bigger than this go out as pipelined pieces of this size (see
 # NbdConnection.pread_pieces): qemu-nbd then reads one piece while sending the previous.
 READ_PIECE = 256 << 10
+# Sequential reads of immutable data: a read of at least this size that continues the previous
+# read makes the export fetch the next range of the same size at once, in the background, so
+# that the server works on it while this reply is being copied into the page cache; the
+# kernel's request for it then finds it under way or done. At most PREFETCH_MAX ranges held.
+PREFETCH_MIN = 256 << 10
+PREFETCH_MAX = 2
 # Write-behind: a write is acknowledged once sent, before the server's reply, with up to this
 # many bytes in flight per export. A writer at queue depth 1 (dd, cp) then streams instead of
 # waiting a round trip per 1 MiB request. Errors are reported on the next write, flush or
@@ -74,6 +81,15 @@ REAP_INTERVAL_S = 5.0
 # Threads for writer handles, all exports together (off trio's default thread limiter, so that
 # a stream of writes does not starve other worker-thread jobs).
 _WRITER_THREAD_LIMIT = trio.CapacityLimiter(16)
+
+
+@dataclass
+class _Prefetch:
+    """A range being fetched ahead of its request (see PREFETCH_MIN)."""
+
+    buf: bytearray
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
 
 
 def _shutdown_handle(handle: Any, image: Path) -> None:
@@ -131,6 +147,8 @@ class DiskExport:
         self._failed_at: float | None = None
         self._alive_checked = 0.0
         self._buffers: dict[int, bytearray] = {}
+        self._prefetched: dict[tuple[int, int], _Prefetch] = {}  # (offset, size) → fetch
+        self._sequential_end = -1  # where the last read ended
         self._failure: str | None = None
         # Write-behind state: in-flight writes by id → (start, end); their total size; an
         # event set (and replaced) whenever one completes; the first error not yet reported.
@@ -305,6 +323,7 @@ class DiskExport:
         return self.uri is not None and self._manager.prepare_uri is not None
 
     async def _teardown(self) -> None:
+        self._prefetched.clear()  # fetches under way fail with their connection
         if self.restartable_source:
             self.extents = None
             self.dirty = None
@@ -385,26 +404,24 @@ class DiskExport:
         if extents is None:
             segments = [(offset, offset + size, True)]
         elif size <= len(_ZEROS) and not extents.has_data(offset, size):
+            self._sequential_end = offset + size
             return _ZEROS[:size]  # a hole: no round trip, no copy
         else:
             segments = [(s.start, s.end, s.data) for s in extents.segments(offset, size)]
+        ahead = self._prefetch_after(offset, size) if extents is not None else None
+        if ahead is not None:
+            await ahead.done.wait()
+            if ahead.error is None:
+                if len(self._buffers) < _MAX_BUFFERS:
+                    self._buffers.setdefault(size, ahead.buf)
+                return memoryview(ahead.buf)
+            # The fetch failed: read it again below, which reports its own error.
         # Out of the pool while this read fills it; back in when done (below).
         buf = self._buffers.pop(size, None) or bytearray(size)
         view = memoryview(buf)
         self._in_flight += 1
         try:
-            pieces: list[tuple[memoryview, int]] = []
-            for start, end, data in segments:
-                if not data:
-                    _zero_fill(view[start - offset : end - offset])
-                    continue
-                for piece in range(start, end, READ_PIECE):
-                    piece_end = min(end, piece + READ_PIECE)
-                    pieces.append((view[piece - offset : piece_end - offset], piece))
-            if len(pieces) == 1:
-                await self._pick().pread_into(*pieces[0])
-            elif pieces:
-                await self._pick().pread_pieces(pieces)
+            await self._fill(view, offset, segments)
         except ConnectionLost as exc:
             await self._io_failed(exc)
             raise
@@ -413,6 +430,60 @@ class DiskExport:
             if len(self._buffers) < _MAX_BUFFERS:
                 self._buffers.setdefault(size, buf)
         return view
+
+    async def _fill(
+        self, view: memoryview, offset: int, segments: list[tuple[int, int, bool]]
+    ) -> None:
+        """Fill ``view`` (the disk from ``offset``): zeros for holes, data from the server."""
+        pieces: list[tuple[memoryview, int]] = []
+        for start, end, data in segments:
+            if not data:
+                _zero_fill(view[start - offset : end - offset])
+                continue
+            for piece in range(start, end, READ_PIECE):
+                piece_end = min(end, piece + READ_PIECE)
+                pieces.append((view[piece - offset : piece_end - offset], piece))
+        if len(pieces) == 1:
+            await self._pick().pread_into(*pieces[0])
+        elif pieces:
+            await self._pick().pread_pieces(pieces)
+
+    def _prefetch_after(self, offset: int, size: int) -> _Prefetch | None:
+        """The fetch already started for this read, if any; and when this read continues
+        the previous one, start fetching the range after it (immutable exports only)."""
+        hit = self._prefetched.pop((offset, size), None)
+        sequential = offset == self._sequential_end
+        self._sequential_end = offset + size
+        extents = self.extents
+        if not (sequential and size >= PREFETCH_MIN and self.readonly and extents is not None):
+            return hit
+        if PREFETCH_MAX <= 0:
+            return hit
+        assert self.size is not None
+        start = offset + size
+        length = min(size, self.size - start)
+        key = (start, length)
+        if length <= 0 or key in self._prefetched or not extents.has_data(start, length):
+            return hit
+        while len(self._prefetched) >= PREFETCH_MAX:
+            del self._prefetched[next(iter(self._prefetched))]  # the oldest: not asked for
+        segments = [(s.start, s.end, s.data) for s in extents.segments(start, length)]
+        entry = _Prefetch(self._buffers.pop(length, bytearray()) or bytearray(length))
+        self._prefetched[key] = entry
+        self._manager.nursery.start_soon(self._prefetch, entry, start, segments)
+        return hit
+
+    async def _prefetch(
+        self, entry: _Prefetch, offset: int, segments: list[tuple[int, int, bool]]
+    ) -> None:
+        self._in_flight += 1
+        try:
+            await self._fill(memoryview(entry.buf), offset, segments)
+        except Exception as exc:  # the read that wants it reads again and reports
+            entry.error = exc
+        finally:
+            self._in_flight -= 1
+            entry.done.set()
 
     async def write(self, offset: int, data: bytes | memoryview) -> int:
         """Send a write and return (write-behind); ``data`` must not change afterwards.

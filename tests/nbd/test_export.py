@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from snapfs.config import NbdSettings
 from snapfs.errors import BackendUnavailable
@@ -209,3 +210,49 @@ async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runti
         export.release()
         await mgr.stop_all()
     assert imaging.to_raw(image, tmp_path / "rw.raw") == model
+
+
+async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
+    image, expect = chain
+    async with trio.open_nursery() as nursery:
+        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=2))
+        export = mgr.export_for(image, "qcow2")
+        await export.acquire()
+        fills: list[int] = []
+        original_fill = export._fill
+        fail_next_at: list[int] = []
+
+        async def fill(view, offset, segments):
+            fills.append(offset)
+            if offset in fail_next_at:
+                fail_next_at.remove(offset)
+                raise ConnectionLost("injected")
+            await original_fill(view, offset, segments)
+
+        export._fill = fill
+        # The first read of a stream fetches only itself.
+        assert bytes(await export.read_transient(5 * MiB, MiB)) == expect[5 * MiB : 6 * MiB]
+        assert fills == [5 * MiB]
+        # The second continues it: the range after it is fetched at once.
+        assert bytes(await export.read_transient(6 * MiB, MiB)) == expect[6 * MiB : 7 * MiB]
+        assert (7 * MiB, MiB) in export._prefetched
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(fills) == [5 * MiB, 6 * MiB, 7 * MiB]
+        # Its request is answered from that fetch (no new server read); 8-9 MiB is a hole:
+        # nothing is fetched ahead.
+        assert bytes(await export.read_transient(7 * MiB, MiB)) == expect[7 * MiB : 8 * MiB]
+        assert sorted(fills) == [5 * MiB, 6 * MiB, 7 * MiB]
+        assert export._prefetched == {}
+        # A jump elsewhere is not sequential: nothing fetched ahead.
+        assert bytes(await export.read_transient(MiB // 2, MiB // 2)) == expect[MiB // 2 : MiB]
+        assert export._prefetched == {}
+        # A fetch ahead that fails is read again by its request, which gets the right bytes.
+        fills.clear()
+        fail_next_at.append(6 * MiB)
+        await export.read_transient(4 * MiB, MiB)
+        await export.read_transient(5 * MiB, MiB)  # starts the (failing) fetch of 6 MiB
+        await trio.testing.wait_all_tasks_blocked()
+        assert bytes(await export.read_transient(6 * MiB, MiB)) == expect[6 * MiB : 7 * MiB]
+        assert fills.count(6 * MiB) == 2
+        export.release()
+        await mgr.stop_all()
