@@ -754,9 +754,14 @@ def disk_page_cache(bench: Bench) -> None:
     r2 = Row("disk", name, "snapfs, 2nd read (new open)", size, second)
     r1.ratio = r1.median / r2.median  # here: the 2nd read ÷ the 1st
     r2.target = "from page cache"
-    r2.met = min(resident) == size and served < size // 100
+    # Served from the page cache: the daemon answered < 1 % of the file during the 2nd read and
+    # ≥ 99 % of it stayed resident. Not "every page": this VM's memory balloon reclaims a few
+    # MiB of page cache now and then (seen: 1 and 8 MiB of 4 GiB gone, in 2 runs of ~20).
+    r2.met = min(resident) >= size * 99 // 100 and served < size // 100
+    whole = sum(r == size for r in resident)
     r2.note = (
-        f"fincore: {min(resident) / MiB:,.0f} of {size / MiB:,.0f} MiB resident; "
+        f"fincore: {min(resident) / MiB:,.0f} of {size / MiB:,.0f} MiB resident at least "
+        f"(every page in {whole} of {len(resident)} runs); "
         f"daemon wrote {served / MiB:,.1f} MiB during the 2nd read"
     )
     r2.extra = {"resident_bytes": resident, "daemon_io_during_2nd": ios}
