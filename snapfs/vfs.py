@@ -302,6 +302,7 @@ class OpenFile:
 
     keep_cache = True
     direct_io = False  # bypass the page cache and st_size (content of unknown size)
+
     def may_widen(self, offset: int, size: int) -> bool:
         """Whether a random read here may be widened to a window whose rest is stored in the
         page cache (snapfs.readaround): only data that never changes under the page cache,

@@ -216,3 +216,46 @@ def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_pat
     log = m.log_text()
     assert "stores did not end" not in log
     assert re.search(r"read-around: [1-9]\d* random reads widened", log), log
+
+
+def test_random_and_sequential_readers_together(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    """Stores racing the kernel's own read-ahead of the same pages (a store waits for pages
+    locked by a read the daemon is answering): every reader gets the right bytes, none hangs."""
+    repo, ref = disk
+    with mounted(repo, tmp_path / "m") as m:
+        img = image_of(m)
+        errors: list[str] = []
+
+        def sequential() -> None:
+            with open(img, "rb", buffering=0) as f:
+                for _ in range(3):
+                    evict(f.fileno())
+                    data = bytearray()
+                    while chunk := f.read(MiB):
+                        data += chunk
+                    f.seek(0)
+                    if bytes(data) != ref:
+                        errors.append("sequential reader got wrong bytes")
+
+        def random_reader(seed: int) -> None:
+            rng = random.Random(seed)
+            fd = os.open(img, os.O_RDONLY)
+            try:
+                for i in range(1500):
+                    if i % 300 == 0:
+                        evict(fd)
+                    offset = rng.randrange(0, SIZE)
+                    if os.pread(fd, 4096, offset) != ref[offset : offset + 4096]:
+                        errors.append(f"random reader {seed}: wrong bytes at {offset}")
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=sequential)]
+        threads += [threading.Thread(target=random_reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a reader hung"
+        assert errors == []
+    assert re.search(r"read-around: [1-9]\d* random reads widened", m.log_text())
