@@ -169,6 +169,7 @@ def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_pat
     m = start_mount(repo, tmp_path / "m")
     img = image_of(m)
     stop = threading.Event()
+    stop_sent = threading.Event()  # SIGTERM sent: reads may now end early
     errors: list[BaseException] = []
     reads = [0]
 
@@ -184,8 +185,14 @@ def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_pat
                 evict(fd)
                 for _ in range(50):
                     offset = rng.randrange(0, SIZE - 4096)
-                    if os.pread(fd, 4096, offset) != ref[offset : offset + 4096]:
-                        errors.append(AssertionError(f"wrong bytes at {offset}"))
+                    data = os.pread(fd, 4096, offset)
+                    # While the mount goes away a read may end early: the pages it had in
+                    # the page cache, then the error (a short count). Its bytes must still
+                    # be the disk's.
+                    if data != ref[offset : offset + len(data)] or (
+                        len(data) < 4096 and not stop_sent.is_set()
+                    ):
+                        errors.append(AssertionError(f"{len(data)} wrong bytes at {offset}"))
                     reads[0] += 1
         except OSError:
             pass  # the mount went away under the reader: expected
@@ -202,6 +209,7 @@ def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_pat
             time.sleep(0.05)
         servers = m.server_pids()
         assert servers
+        stop_sent.set()
         m.proc.send_signal(signal.SIGTERM)
         assert m.proc.wait(30) == 0, m.log_text()
     finally:
