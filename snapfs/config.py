@@ -8,6 +8,7 @@ one table per subsystem::
     idle_timeout = 60      # seconds a server with no open files stays up
     read_ahead_kb = 1024   # the mount's kernel read-ahead (0: leave the kernel default)
     read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
+    store_ahead_kb = 8192  # holes stored this far ahead of a sequential reader (0: off)
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -52,6 +53,10 @@ class NbdSettings:
     # window around it, whose rest goes into the page cache (snapfs.readaround): nearby
     # reads then never reach the daemon. 0 turns it off.
     read_around_kb: int = 256
+    # A sequential reader of a snapshot disk gets the holes this far ahead of its requests
+    # put into the page cache (as zeros, from the store thread), in parallel with the
+    # loop's replies (snapfs.readaround). 0 turns it off.
+    store_ahead_kb: int = 8192
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,10 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
     if not 0 <= settings.nbd.read_around_kb <= 16384 or settings.nbd.read_around_kb % 4:
         raise SnapfsUserError(
             f"{path}: nbd.read_around_kb must be a multiple of 4 between 0 and 16384"
+        )
+    if not 0 <= settings.nbd.store_ahead_kb <= 1 << 20 or settings.nbd.store_ahead_kb % 4:
+        raise SnapfsUserError(
+            f"{path}: nbd.store_ahead_kb must be a multiple of 4 between 0 and 1048576"
         )
     lv = settings.libvirt
     if not (lv.nbd_port > 0 and lv.nbd_ports >= 1 and lv.nbd_port + lv.nbd_ports - 1 <= 65535):

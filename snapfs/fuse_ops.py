@@ -205,6 +205,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             if window is not None and handle.may_widen(off, size):
                 data = await handle.read(*window)
                 return around.reply(self._open_inodes[fh], window[0], data, off, size)
+            # Queued before this read is answered: the store thread fills pages meanwhile.
+            around.store_ahead(fh, self._open_inodes[fh], off, size, handle.holes)
         return await handle.read(off, size)
 
     @errno_boundary

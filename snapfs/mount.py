@@ -115,6 +115,7 @@ async def _after_init(
     source: str,
     on_ready: Callable[[], None] | None,
     main_returned: trio.Event,
+    read_around: ReadAround,
 ) -> None:
     """Tune the mount once the kernel has finished FUSE INIT, report it ready, then watch
     the connection (``end_when_disconnected``)."""
@@ -126,6 +127,8 @@ async def _after_init(
             set_read_ahead, mountpoint, settings.nbd.read_ahead_kb
         )
         log.info("kernel read-ahead for this mount: %s KiB", applied)
+        if applied:
+            read_around.set_stripe(applied << 10)
     log.info("mounted %s at %s (pid %d)", source, mountpoint, os.getpid())
     if on_ready is not None:
         on_ready()
@@ -193,7 +196,12 @@ async def serve(
                 snapshot_hook=guest_files.add_to_snapshot,
                 root_hook=add_restore_area,
             )
-            read_around = ReadAround(settings.nbd.read_around_kb << 10)
+            read_around = ReadAround(
+                settings.nbd.read_around_kb << 10,
+                ahead=settings.nbd.store_ahead_kb << 10,
+                # The kernel's read-ahead window; 128 KiB is what libfuse negotiates.
+                stripe=(settings.nbd.read_ahead_kb or 128) << 10,
+            )
             operations = Operations(tree, read_around)
             pyfuse3.init(
                 operations,
@@ -205,7 +213,8 @@ async def serve(
                 nursery.start_soon(_terminate_on_signals, read_around)
                 nursery.start_soon(exports.reap_idle)
                 nursery.start_soon(
-                    _after_init, mountpoint, settings, source, on_ready, main_returned
+                    _after_init, mountpoint, settings, source, on_ready, main_returned,
+                    read_around,
                 )
                 await pyfuse3.main()
             finally:

@@ -14,6 +14,15 @@ into the page cache, so later reads nearby are page-cache hits that never reach 
 Sequential readers are left to the kernel's read-ahead: a read that starts where the
 previous read of the same file handle ended is served as asked.
 
+Store-ahead for sequential streams of holes: a reader going through a sparse disk in order
+gets the holes ahead of it stored as zeros (``ahead`` bytes ahead of its latest request),
+from the store thread, while the loop answers the kernel's requests. Both threads then fill
+pages in parallel; the fills (copies into fresh page-cache pages) are the cost of a
+whole-disk read here, not the NBD reads (docs/benchmarks.md, session 6). The first page of
+every read-ahead ``stripe`` is left out: the kernel's read-ahead puts its "read the next
+window" mark on the first page of each window, and only on a page it reads itself, so the
+reader's stream of read-ahead keeps going and the daemon keeps seeing how far it got.
+
 Only for data that cannot change under the page cache (snapshot disks, ``keep_cache``):
 storing pages of a writable file could overwrite newer data.
 
@@ -45,20 +54,42 @@ MAX_PENDING_BYTES = 32 << 20
 # How long ``aclose`` waits for stores before it aborts the connection.
 DRAIN_TIMEOUT_S = 5.0
 
-StoreFn = Callable[[int, int, bytes], None]
+# A sequential read this large marks a read-ahead stream (the kernel's windows grow to the
+# read-ahead size; small sequential reads are left alone).
+MIN_STREAM_READ = 128 << 10
+PAGE = 4096
+
+StoreFn = Callable[[int, int, bytes | memoryview], None]
+HolesFn = Callable[[int, int], list[tuple[int, int]]]
+# A queued job: (inode, pieces, bytes counted as pending, the stream's file handle or None).
+_Job = tuple[int, list[tuple[int, bytes | memoryview]], int, int | None]
 
 
 class ReadAround:
-    """Read-around for one mount: ``window`` bytes per random read (0: off)."""
+    """Read-around for one mount: ``window`` bytes per random read (0: off), and zeros
+    stored ``ahead`` bytes ahead of sequential streams (0: off) whose kernel read-ahead
+    windows are ``stripe`` bytes."""
 
-    def __init__(self, window: int, *, store: StoreFn | None = None) -> None:
+    def __init__(
+        self,
+        window: int,
+        *,
+        ahead: int = 0,
+        stripe: int = 1 << 20,
+        store: StoreFn | None = None,
+    ) -> None:
         self.window = max(0, window)
+        self.ahead = max(0, ahead)
+        self.set_stripe(stripe)
         self._store_fn: StoreFn = store or pyfuse3.notify_store
-        self._queue: queue.SimpleQueue[tuple[int, list[tuple[int, bytes]], int] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._ends: dict[int, int] = {}  # file handle → end of its previous read
+        # Per file handle: end of its previous read (read by the store thread too: a dict
+        # read under the GIL), and for a sequential stream its stripe phase and how far
+        # store-ahead has been queued.
+        self._ends: dict[int, int] = {}
+        self._phase: dict[int, int] = {}
+        self._ahead_to: dict[int, int] = {}
         # Shared with the store thread, under the lock.
         self._lock = threading.Lock()
         self._pending = 0
@@ -69,17 +100,23 @@ class ReadAround:
         self._warned = False
         self.reads = 0  # random reads served with their window
         self.stored_bytes = 0
+        self.ahead_bytes = 0  # zeros stored ahead of sequential streams
+        self.stale_bytes = 0  # ahead stores skipped: the reader had caught up
         self.failed_stores = 0
+
+    def set_stripe(self, stripe: int) -> None:
+        """The kernel's read-ahead window for this mount (once known, before any read)."""
+        self.stripe = max(PAGE, stripe - stripe % PAGE)
+        self._zeros = bytes(self.stripe)
 
     def window_for(self, fh: int, offset: int, size: int) -> tuple[int, int] | None:
         """The (offset, length) to read in place of this read, or None to read as asked."""
-        previous_end = self._ends.get(fh)
-        self._ends[fh] = offset + size
+        sequential = self._follow(fh, offset, size)
         window = self.window
         if (
             window == 0
             or size >= window
-            or previous_end == offset  # sequential: the kernel's read-ahead has it
+            or sequential  # the kernel's read-ahead has it
             or self._closed
             or self._pending_bytes >= MAX_PENDING_BYTES
         ):
@@ -88,9 +125,65 @@ class ReadAround:
         end = -(-(offset + size) // window) * window
         return start, end - start
 
+    def _follow(self, fh: int, offset: int, size: int) -> bool:
+        """Record this read of ``fh``; whether it continues the handle's sequential reads.
+
+        Within a stream whose holes are stored ahead, the kernel asks only for what is not
+        in the page cache: a read anywhere up to the stored-ahead end continues it.
+        """
+        previous_end = self._ends.get(fh)
+        self._ends[fh] = offset + size
+        if previous_end == offset or (
+            fh in self._phase
+            and previous_end is not None
+            and previous_end < offset <= self._ahead_to.get(fh, 0)
+        ):
+            if fh not in self._phase and size >= MIN_STREAM_READ:
+                self._phase[fh] = offset % self.stripe
+            return True
+        self._phase.pop(fh, None)
+        self._ahead_to.pop(fh, None)
+        return False
+
+    def store_ahead(self, fh: int, ino: int, offset: int, size: int, holes: HolesFn) -> None:
+        """After a read of a sequential stream: queue zeros for the holes ahead of it.
+
+        From one stripe past this read (the kernel's next window, which it may be asking
+        for already) to ``ahead`` bytes past it, in whole stripes, each without its first
+        page. Call after ``window_for`` for the same read.
+        """
+        phase = self._phase.get(fh)
+        if phase is None or not self.ahead or self._closed:
+            return
+        stripe = self.stripe
+        end = offset + size
+        first = max(self._ahead_to.get(fh, 0), end + stripe)
+        first += -(first - phase) % stripe  # up to a stripe boundary
+        last = end + self.ahead
+        last -= (last - phase) % stripe
+        if last - first < stripe:
+            return
+        self._ahead_to[fh] = last
+        pieces: list[tuple[int, bytes | memoryview]] = []
+        zeros = memoryview(self._zeros)
+        for start, stop in holes(first, last):
+            pos = start
+            while pos < stop:
+                boundary = pos - (pos - phase) % stripe
+                if pos == boundary:
+                    pos += PAGE  # the kernel's own: it carries the read-ahead mark
+                    continue
+                piece_end = min(stop, boundary + stripe)
+                pieces.append((pos, zeros[: piece_end - pos]))
+                pos = piece_end
+        if pieces:
+            self._enqueue((ino, pieces, 0, fh))
+
     def forget(self, fh: int) -> None:
         """The file handle was released."""
         self._ends.pop(fh, None)
+        self._phase.pop(fh, None)
+        self._ahead_to.pop(fh, None)
 
     def reply(
         self, ino: int, start: int, data: bytes | bytearray | memoryview, offset: int, size: int
@@ -111,17 +204,20 @@ class ReadAround:
         if pieces and not self._closed:
             self.reads += 1
             nbytes = sum(len(piece) for _, piece in pieces)
-            with self._lock:
-                self._pending += 1
-                self._pending_bytes += nbytes
-                self._idle.clear()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._store_loop, name="snapfs-read-around", daemon=True
-                )
-                self._thread.start()
-            self._queue.put((ino, pieces, nbytes))
+            self._enqueue((ino, list(pieces), nbytes, None))
         return view[head:tail]
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._lock:
+            self._pending += 1
+            self._pending_bytes += job[2]
+            self._idle.clear()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._store_loop, name="snapfs-read-around", daemon=True
+            )
+            self._thread.start()
+        self._queue.put(job)
 
     def _store_loop(self) -> None:
         """The store thread: one queued window after the other, until ``None``.
@@ -129,9 +225,9 @@ class ReadAround:
         A daemon thread: a store the kernel never lets finish must not keep the process.
         """
         while (job := self._queue.get()) is not None:
-            ino, pieces, nbytes = job
+            ino, pieces, nbytes, stream = job
             try:
-                self._store_sync(ino, pieces)
+                self._store_sync(ino, pieces, stream)
             except Exception:
                 log.exception("read-around: store thread error (the store is skipped)")
             finally:
@@ -141,9 +237,19 @@ class ReadAround:
                     if self._pending == 0:
                         self._idle.set()
 
-    def _store_sync(self, ino: int, pieces: list[tuple[int, bytes]]) -> None:
-        """On the store thread: may wait for page locks of reads the loop is answering."""
+    def _store_sync(
+        self, ino: int, pieces: list[tuple[int, bytes | memoryview]], stream: int | None
+    ) -> None:
+        """On the store thread: may wait for page locks of reads the loop is answering.
+
+        Pieces stored ahead of ``stream`` (a file handle) that the reader's requests have
+        nearly reached are skipped: the kernel is about to ask for them (or has), and the
+        loop's reply fills them.
+        """
         for offset, data in pieces:
+            if stream is not None and offset < self._ends.get(stream, 0) + self.stripe:
+                self.stale_bytes += len(data)
+                continue
             try:
                 self._store_fn(ino, offset, data)
             except OSError as exc:
@@ -156,7 +262,10 @@ class ReadAround:
                     self._warned = True
                     log.warning("read-around: cannot store pages of inode %d: %s", ino, exc)
                 return
-            self.stored_bytes += len(data)
+            if stream is None:
+                self.stored_bytes += len(data)
+            else:
+                self.ahead_bytes += len(data)
 
     async def aclose(self, abort: Callable[[], bool] | None = None) -> None:
         """Stop storing and wait for the stores in flight.
@@ -166,7 +275,7 @@ class ReadAround:
         connection, which fails the reads whose pages they wait for, and they return.
         """
         self._closed = True
-        if await self._wait_idle():
+        if await self.wait_idle():
             self._stop_thread()
             return
         aborted = abort() if abort is not None else False
@@ -176,15 +285,16 @@ class ReadAround:
             DRAIN_TIMEOUT_S,
             "aborted the FUSE connection" if aborted else "cannot abort the FUSE connection",
         )
-        if await self._wait_idle():
+        if await self.wait_idle():
             self._stop_thread()
             return
         # Not reached unless the kernel keeps the pages locked: shutting down beats hanging.
         log.error("read-around: %d page-cache stores did not end; going on", self._pending)
         self._stop_thread()  # the thread ends whenever its store returns
 
-    async def _wait_idle(self) -> bool:
-        """Whether the stores ended within ``DRAIN_TIMEOUT_S`` (waited for off the loop)."""
+    async def wait_idle(self) -> bool:
+        """Whether the queued stores ended within ``DRAIN_TIMEOUT_S`` (waited for off the
+        loop)."""
         if self._idle.is_set():
             return True
         ended: bool = await trio.to_thread.run_sync(
@@ -199,6 +309,8 @@ class ReadAround:
     def summary(self) -> str:
         return (
             f"read-around: {self.reads} random reads widened, "
-            f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache"
+            f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache; "
+            f"{self.ahead_bytes / (1 << 20):.1f} MiB of holes stored ahead of sequential "
+            f"reads ({self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up)"
             + (f", {self.failed_stores} stores failed" if self.failed_stores else "")
         )

@@ -309,6 +309,12 @@ class OpenFile:
         and only where widening saves a read from the server."""
         return False
 
+    def holes(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The (start, end) ranges of ``[start, end)`` known to be holes of data that never
+        changes under the page cache: zeros a sequential reader's page cache may be filled
+        with ahead of it (snapfs.readaround). Empty when unknown."""
+        return []
+
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
 
@@ -423,6 +429,12 @@ class _DiskHandle(OpenFile):
         # zeros costs more than it saves (measured: docs/benchmarks.md, session 5).
         export = self._export
         return self.keep_cache and export.readonly and export.may_hold_data(offset, size)
+
+    def holes(self, start: int, end: int) -> list[tuple[int, int]]:
+        export = self._export
+        if not (self.keep_cache and export.readonly):
+            return []
+        return export.holes(start, end)
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.

@@ -385,6 +385,16 @@ class DiskExport:
         """False only when the extent map says ``[offset, offset+size)`` is all holes."""
         return self.extents is None or self.extents.has_data(offset, size)
 
+    def holes(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The hole ranges of ``[start, end)`` (clipped to the disk); empty when unknown."""
+        extents = self.extents
+        if extents is None or self.size is None:
+            return []
+        end = min(end, self.size)
+        if start >= end:
+            return []
+        return [(s.start, s.end) for s in extents.segments(start, end - start) if not s.data]
+
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes of the disk at ``offset`` (short at the end of the disk); a fresh copy."""
         return bytes(await self.read_transient(offset, size))

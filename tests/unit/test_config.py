@@ -21,6 +21,9 @@ def test_read_around_setting(tmp_path: Path) -> None:
     assert load_settings(path).nbd.read_around_kb == 1024
     path.write_text("[nbd]\nread_around_kb = 0\n")
     assert load_settings(path).nbd.read_around_kb == 0
+    path.write_text("[nbd]\nstore_ahead_kb = 0\n")
+    assert load_settings(path).nbd.store_ahead_kb == 0
+    assert Settings().nbd.store_ahead_kb == 8192
 
 
 @pytest.mark.parametrize(
@@ -30,6 +33,8 @@ def test_read_around_setting(tmp_path: Path) -> None:
         ("[nbd]\nread_around_kb = -4\n", "multiple of 4"),
         ("[nbd]\nread_around_kb = 32768\n", "between 0 and 16384"),
         ('[nbd]\nread_around_kb = "256"\n', "must be int"),
+        ("[nbd]\nstore_ahead_kb = 1023\n", "store_ahead_kb must be a multiple of 4"),
+        ("[nbd]\nstore_ahead_kb = 2097152\n", "between 0 and 1048576"),
         ("[nbd]\nread_arround_kb = 256\n", "unknown setting 'read_arround_kb'"),
         ("[nbd]\nconnections = 0\n", "at least 1"),
         ("[nbd\n", "cannot read settings"),

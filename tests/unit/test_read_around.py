@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from snapfs import readaround
-from snapfs.readaround import ReadAround
+from snapfs.readaround import HolesFn, ReadAround
 
 KiB = 1024
 W = 256 * KiB
@@ -181,3 +181,123 @@ def test_aclose_gives_up_rather_than_hang(
     trio.run(main)
     assert "cannot abort the FUSE connection" in caplog.text
     assert "did not end; going on" in caplog.text
+
+
+# -- store-ahead: zeros for the holes ahead of a sequential stream ---------------------------
+MiB = 1 << 20
+S = MiB  # the stripe: the kernel's read-ahead window
+
+
+def _holes_between(holes: list[tuple[int, int]]) -> HolesFn:
+    """A ``holes`` function over fixed hole ranges (as an open disk file gives it)."""
+
+    def holes_fn(start: int, end: int) -> list[tuple[int, int]]:
+        return [(max(s, start), min(e, end)) for s, e in holes if s < end and e > start]
+
+    return holes_fn
+
+
+def _stream(ra: ReadAround, reads: list[tuple[int, int]], holes_fn: HolesFn) -> None:
+    """Reads of file handle 1 (inode 9) as the FUSE read handler makes them."""
+    for offset, size in reads:
+        assert ra.window_for(1, offset, size) is None  # sequential: never widened
+        ra.store_ahead(1, 9, offset, size, holes_fn)
+
+
+def test_store_ahead_of_a_sequential_stream_leaves_each_stripes_first_page() -> None:
+    stored: list[tuple[int, int, int, bytes]] = []
+
+    def store(ino: int, offset: int, data: bytes | memoryview) -> None:
+        stored.append((ino, offset, len(data), bytes(data[:16])))
+
+    holes_fn = _holes_between([(0, 64 * MiB)])  # all holes
+
+    async def main() -> None:
+        ra = ReadAround(W, ahead=4 * MiB, stripe=S, store=store)
+        # The kernel's first windows: 1 MiB requests, in order.
+        _stream(ra, [(0, S), (S, S)], holes_fn)
+        await ra.aclose()
+        # After the second read (ends at 2 MiB): stripes from 3 MiB (the kernel's next
+        # window at 2 MiB is its own) to 6 MiB, each without its first page.
+        assert ra.ahead_bytes == 3 * (S - 4096)
+
+    trio.run(main)
+    assert [(ino, off, n) for ino, off, n, _ in stored] == [
+        (9, 3 * S + 4096, S - 4096), (9, 4 * S + 4096, S - 4096), (9, 5 * S + 4096, S - 4096),
+    ]  # fmt: skip
+    assert all(head == bytes(16) for *_, head in stored)
+
+
+def test_store_ahead_follows_the_kernels_page_requests_and_stores_holes_only() -> None:
+    stored: list[tuple[int, int]] = []
+    # Data at [5 MiB + 512 KiB, 6 MiB + 8 KiB); holes elsewhere.
+    holes_fn = _holes_between([(0, 5 * S + 512 * KiB), (6 * S + 8 * KiB, 64 * MiB)])
+
+    async def main() -> None:
+        ra = ReadAround(
+            W, ahead=4 * MiB, stripe=S, store=lambda i, o, d: stored.append((o, len(d)))
+        )
+        _stream(ra, [(0, S), (S, S)], holes_fn)  # queued: stripes 3, 4, 5
+        assert await ra.wait_idle()
+        # With those pages stored, the kernel asks only for each stripe's first page: a
+        # read past the last one's end that still continues the stream.
+        _stream(ra, [(2 * S, S), (3 * S, 4096)], holes_fn)  # up to 7 MiB: stripe 6
+        await ra.aclose()
+
+    trio.run(main)
+    assert stored == [
+        (3 * S + 4096, S - 4096), (4 * S + 4096, S - 4096),
+        (5 * S + 4096, 512 * KiB - 4096),  # stops where the data starts
+        (6 * S + 8 * KiB, S - 8 * KiB),  # the data's end: its first page is data anyway
+    ]  # fmt: skip
+
+
+def test_store_ahead_phase_skips_and_stops() -> None:
+    stored: list[tuple[int, int]] = []
+    holes_fn = _holes_between([(0, 1 << 40)])
+    gate = threading.Event()
+
+    def store(ino: int, offset: int, data: bytes | memoryview) -> None:
+        gate.wait(10)
+        stored.append((offset, len(data)))
+
+    async def main() -> None:
+        ra = ReadAround(W, ahead=4 * MiB, stripe=S, store=store)
+        # A stream that started 64 KiB into the file: its stripes are in that phase.
+        base = 64 * KiB
+        _stream(ra, [(base, S), (base + S, S)], holes_fn)  # stripes at base + 3..5 MiB
+        # The reader jumps far ahead (the store thread is held): stores it has passed are
+        # skipped, not made (the kernel asks for those pages itself).
+        assert ra.window_for(1, base + 2 * S, S) is None
+        assert ra.window_for(1, base + 3 * S, S) is None
+        gate.set()
+        assert await ra.wait_idle()
+        assert stored == [(base + 5 * S + 4096, S - 4096)]
+        assert ra.stale_bytes == 2 * (S - 4096)
+        # A random jump ends the stream: nothing is stored ahead of a random read.
+        assert ra.window_for(1, 900 * S, 4096) == (900 * S, W)
+        ra.store_ahead(1, 9, 900 * S, 4096, holes_fn)
+        await ra.aclose()
+        assert len(stored) == 1
+
+    trio.run(main)
+
+
+def test_store_ahead_needs_large_sequential_reads_and_can_be_off() -> None:
+    stored: list[int] = []
+    holes_fn = _holes_between([(0, 1 << 40)])
+
+    async def main() -> None:
+        # Small sequential reads (not the kernel's read-ahead at full size): no stream.
+        ra = ReadAround(W, ahead=4 * MiB, stripe=S, store=lambda i, o, d: stored.append(o))
+        ra.window_for(1, 0, 4096)  # a first read: random (widened)
+        ra.store_ahead(1, 9, 0, 4096, holes_fn)
+        _stream(ra, [(4096, 64 * KiB), (68 * KiB, 64 * KiB), (132 * KiB, 64 * KiB)], holes_fn)
+        await ra.aclose()
+        # Off.
+        off = ReadAround(W, ahead=0, stripe=S, store=lambda i, o, d: stored.append(o))
+        _stream(off, [(0, S), (S, S), (2 * S, S)], holes_fn)
+        await off.aclose()
+
+    trio.run(main)
+    assert stored == []
