@@ -271,9 +271,10 @@ def test_random_and_sequential_readers_together(disk: tuple[Path, bytes], tmp_pa
 
 # -- store-ahead: the holes ahead of a sequential reader go into the page cache ---------------
 SPARSE_SIZE = 48 * MiB + 8 * KiB
-# Data in the first MiB, part of one stripe, two pages, and the disk's last 8 KiB.
-SPARSE_DATA = [(0, MiB), (20 * MiB + 300 * KiB, 724 * KiB), (33 * MiB, 8 * KiB),
-               (SPARSE_SIZE - 8 * KiB, 8 * KiB)]  # fmt: skip
+# Data in the first MiB, part of one stripe, 12 MiB in one piece, two pages, and the disk's
+# last 8 KiB; holes elsewhere (~34 MiB).
+SPARSE_DATA = [(0, MiB), (20 * MiB + 300 * KiB, 724 * KiB), (24 * MiB, 12 * MiB),
+               (37 * MiB, 8 * KiB), (SPARSE_SIZE - 8 * KiB, 8 * KiB)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +301,7 @@ def read_in_order(fd: int, size: int, block: int = MiB) -> bytes:
 
 
 def ahead_stored_mib(m: Mounted) -> float:
+    """MiB of holes stored ahead of sequential reads (from the unmount log)."""
     found = re.search(r"([\d.]+) MiB of holes stored ahead", m.log_text())
     assert found, m.log_text()
     return float(found.group(1))
@@ -310,8 +312,8 @@ def test_store_ahead_fills_holes_for_a_sequential_reader(
     sparse: tuple[Path, bytes], tmp_path: Path, block: int
 ) -> None:
     """A whole-file read in order: the holes ahead of it are stored as zeros by the store
-    thread, the data is not (it reads right, twice: the second time from the page cache),
-    and the kernel asks the daemon for a fraction of the file."""
+    thread, the data is not (the file reads right, twice: the second time from the page
+    cache as filled)."""
     repo, ref = sparse
     with mounted(repo, tmp_path / "m") as m:
         img = image_of(m)
@@ -324,7 +326,7 @@ def test_store_ahead_fills_holes_for_a_sequential_reader(
             assert img.read_bytes() == ref
         finally:
             os.close(fd)
-    # Holes: ~46 MiB; stored ahead is most of it (a store the reader caught up with is
+    # Holes: ~34 MiB; stored ahead is most of it (a store the reader caught up with is
     # skipped, and each stripe's first page is the kernel's to read).
     assert ahead_stored_mib(m) > 8, m.log_text()
     assert "read-around: cannot store" not in m.log_text()
