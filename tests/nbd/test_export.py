@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import trio.testing
 from snapfs.config import NbdSettings
 from snapfs.errors import BackendUnavailable
 from snapfs.nbd.client import ConnectionLost
-from snapfs.nbd.export import ExportManager
+from snapfs.nbd.export import DiskExport, ExportManager
 from tests import imaging
 
 MiB = 1 << 20
@@ -49,12 +51,27 @@ async def read_all(export, size: int, step: int) -> bytes:
     return bytes(out)
 
 
+@contextlib.asynccontextmanager
+async def served(
+    image: Path, runtime_dir: Path, *, connections: int = 4, readonly: bool = True
+) -> AsyncIterator[DiskExport]:
+    """``image``'s export, acquired (its server running), for the body; then released and
+    every server stopped."""
+    async with trio.open_nursery() as nursery:
+        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=connections))
+        export = mgr.export_for(image, "qcow2", readonly=readonly)
+        await export.acquire()
+        try:
+            yield export
+        finally:
+            export.release()
+            await mgr.stop_all()
+            nursery.cancel_scope.cancel()
+
+
 async def test_reads_equal_qemu_img_convert(chain, runtime_dir):
     image, expect = chain
-    async with trio.open_nursery() as nursery:
-        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=3))
-        export = mgr.export_for(image, "qcow2")
-        await export.acquire()
+    async with served(image, runtime_dir, connections=3) as export:
         assert export.size == len(expect)
         for step in (4096, 128 * 1024, 1000 * 1000, 32 * MiB):
             assert await read_all(export, len(expect), step) == expect
@@ -77,18 +94,12 @@ async def test_reads_equal_qemu_img_convert(chain, runtime_dir):
         for i, data in results.items():
             off = (i * 777_777) % (len(expect) - 65536)
             assert data == expect[off : off + 65536]
-        export.release()
-        await mgr.stop_all()
-        nursery.cancel_scope.cancel()
     assert not any(runtime_dir.iterdir())
 
 
 async def test_killed_server_gives_eio_then_restarts(chain, runtime_dir):
     image, expect = chain
-    async with trio.open_nursery() as nursery:
-        mgr = ExportManager(runtime_dir, nursery)
-        export = mgr.export_for(image, "qcow2")
-        await export.acquire()
+    async with served(image, runtime_dir) as export:
         assert await export.read(0, 4096) == expect[:4096]
         pid = export._server.pid
         # Freeze the server so a read is surely in flight, then kill it mid-read.
@@ -115,8 +126,6 @@ async def test_killed_server_gives_eio_then_restarts(chain, runtime_dir):
         await trio.sleep(1.2)  # liveness is checked at most once a second
         assert await export.read(0, 4096) == expect[:4096]
         assert export._server.pid not in (pid, second)
-        await mgr.stop_all()
-        nursery.cancel_scope.cancel()
 
 
 async def test_corrupt_image_fails_with_reason(tmp_path, runtime_dir, caplog):
@@ -139,10 +148,7 @@ async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
     """One connection: idle-path reads, pipelined pieces, overlapping readers, and a reader
     cancelled mid-command (the command completes behind it; the connection stays usable)."""
     image, expect = chain
-    async with trio.open_nursery() as nursery:
-        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=1))
-        export = mgr.export_for(image, "qcow2")
-        await export.acquire()
+    async with served(image, runtime_dir, connections=1) as export:
         conn = export._pick()  # the one connection under test
         buf = bytearray(3 * MiB + 4096)
         view = memoryview(buf)
@@ -179,8 +185,6 @@ async def test_connection_fast_path_pieces_and_cancellation(chain, runtime_dir):
         with trio.fail_after(10):
             while conn.in_flight:
                 await trio.sleep(0.01)
-        export.release()
-        await mgr.stop_all()
 
 
 async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runtime_dir) -> None:
@@ -193,10 +197,7 @@ async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runti
     imaging.run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(16 * MiB))
     model = bytearray(16 * MiB)
     rng = random.Random(7)
-    async with trio.open_nursery() as nursery:
-        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=2))
-        export = mgr.export_for(image, "qcow2", readonly=False)
-        await export.acquire()
+    async with served(image, runtime_dir, connections=2, readonly=False) as export:
         for i in range(300):
             off = rng.randrange(0, 16 * MiB - 300_000)
             data = rng.randbytes(rng.randrange(1, 300_000))
@@ -213,17 +214,12 @@ async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runti
             await export.flush()
         assert "failed" in str(info.value)
         await export.flush()
-        export.release()
-        await mgr.stop_all()
     assert imaging.to_raw(image, tmp_path / "rw.raw") == model
 
 
 async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
     image, expect = chain
-    async with trio.open_nursery() as nursery:
-        mgr = ExportManager(runtime_dir, nursery, NbdSettings(connections=2))
-        export = mgr.export_for(image, "qcow2")
-        await export.acquire()
+    async with served(image, runtime_dir, connections=2) as export:
         fills: list[int] = []
         original_fill = export._fill
         fail_next_at: list[int] = []
@@ -260,5 +256,3 @@ async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
         await trio.testing.wait_all_tasks_blocked()
         assert bytes(await export.read_transient(6 * MiB, MiB)) == expect[6 * MiB : 7 * MiB]
         assert fills.count(6 * MiB) == 2
-        export.release()
-        await mgr.stop_all()
