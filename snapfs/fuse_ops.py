@@ -202,7 +202,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         around = self.read_around
         if around is not None:
             window = around.window_for(fh, off, size)
-            if window is not None and handle.may_widen(off, size):
+            if window is not None and around.worth_widening(fh, handle.may_widen(off, size)):
                 data = await handle.read(*window)
                 return around.reply(self._open_inodes[fh], window[0], data, off, size)
             # Queued before this read is answered: the store thread fills pages meanwhile.

@@ -54,6 +54,9 @@ MAX_PENDING_BYTES = 32 << 20
 # How long ``aclose`` waits for stores before it aborts the connection.
 DRAIN_TIMEOUT_S = 5.0
 
+# How many recent random reads of a handle say whether it reads mostly holes (see
+# ``worth_widening``): the counts are halved when they reach this, so recent reads weigh most.
+HOLE_SAMPLE = 64
 # A sequential read this large marks a read-ahead stream (the kernel's windows grow to the
 # read-ahead size; small sequential reads are left alone).
 MIN_STREAM_READ = 128 << 10
@@ -88,6 +91,7 @@ class ReadAround:
         # read under the GIL), and for a sequential stream its stripe phase and how far
         # store-ahead has been queued.
         self._ends: dict[int, int] = {}
+        self._random: dict[int, list[int]] = {}  # file handle → [random reads, of holes only]
         self._phase: dict[int, int] = {}
         self._ahead_to: dict[int, int] = {}
         # Shared with the store thread, under the lock.
@@ -124,6 +128,25 @@ class ReadAround:
         start = offset - offset % window
         end = -(-(offset + size) // window) * window
         return start, end - start
+
+    def worth_widening(self, fh: int, holds_data: bool) -> bool:
+        """Record whether a random read of ``fh`` (one ``window_for`` widened) touches data;
+        whether to widen it.
+
+        Only reads of data are widened (a hole costs no server read). And not while most of
+        the handle's recent random reads fell on holes: such a reader is spread over a
+        sparse disk, later reads seldom land near an earlier one, and each widened read
+        fills 63 pages that nobody reads (measured: random reads over the mostly sparse
+        bench image, docs/benchmarks.md session 6). Readers of a guest's filesystem, of a
+        database file, read data, and keep read-around.
+        """
+        counts = self._random.setdefault(fh, [0, 0])
+        counts[0] += 1
+        counts[1] += not holds_data
+        if counts[0] >= HOLE_SAMPLE:
+            counts[0] //= 2
+            counts[1] //= 2
+        return holds_data and 2 * counts[1] <= counts[0]
 
     def _follow(self, fh: int, offset: int, size: int) -> bool:
         """Record this read of ``fh``; whether it continues the handle's sequential reads.
@@ -182,6 +205,7 @@ class ReadAround:
     def forget(self, fh: int) -> None:
         """The file handle was released."""
         self._ends.pop(fh, None)
+        self._random.pop(fh, None)
         self._phase.pop(fh, None)
         self._ahead_to.pop(fh, None)
 

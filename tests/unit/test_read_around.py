@@ -301,3 +301,24 @@ def test_store_ahead_needs_large_sequential_reads_and_can_be_off() -> None:
 
     trio.run(main)
     assert stored == []
+
+
+def test_a_reader_of_mostly_holes_is_not_widened() -> None:
+    ra = ReadAround(W, store=lambda ino, off, data: None)
+    # Reads of data: widened; of holes: never.
+    assert ra.worth_widening(1, True)
+    assert not ra.worth_widening(1, False)
+    assert ra.worth_widening(1, True)  # 1 of 3 reads on holes
+    # A reader spread over a sparse disk: three of four reads are holes. Its data reads are
+    # no longer widened once holes are most of what it read.
+    pattern = [False, False, False, True] * 40
+    widened = [ra.worth_widening(2, data) for data in pattern]
+    assert widened[3] is False and not any(widened)
+    # It moves into the data (a guest filesystem's files): widened again within a few
+    # dozen reads (recent reads weigh most).
+    widened = [ra.worth_widening(2, True) for _ in range(60)]
+    assert widened[-1] and widened.index(True) < 40
+    # Per handle, and forgotten with it.
+    assert ra.worth_widening(3, True)
+    ra.forget(2)
+    assert ra.worth_widening(2, True)
