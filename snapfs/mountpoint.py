@@ -62,7 +62,14 @@ def fusermount_unmount(path: Path, *, lazy: bool = False) -> None:
     cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
-        raise SnapfsUserError(f"cannot unmount {path}: {result.stderr.strip()}")
+        message = f"cannot unmount {path}: {result.stderr.strip()}"
+        if "busy" in result.stderr.lower():
+            message += (
+                f"\n  files under it are still open or a shell is inside it (`fuser -vm {path}`"
+                " lists them); `snapfs umount --lazy` detaches it now and stops the daemon"
+                " once they are closed"
+            )
+        raise SnapfsUserError(message)
 
 
 def check_mountpoint(path: Path, *, force: bool) -> Path:

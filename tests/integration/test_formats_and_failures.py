@@ -354,3 +354,38 @@ def test_extent_maps_show_allocated_and_changed(formats_repo: Path, tmp_path: Pa
         with open(img, "rb") as f:
             f.seek(7 * MiB)
             assert f.read(MiB) == bytes([0x22]) * MiB
+
+
+def test_umount_of_a_busy_mount_says_why_and_lazy_detaches(
+    formats_repo: Path, tmp_path: Path
+) -> None:
+    """A file open under the mount: `snapfs umount` refuses with what to do, the mount stays
+    up and readable; `--lazy` detaches it, and the daemon ends when the file is closed."""
+    import sys
+
+    from snapfs.mountpoint import fstype_at, runtime_dir_for
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _start_daemon(formats_repo, mnt)
+    snapfs = [sys.executable, "-m", "snapfs"]
+    try:
+        f = open(disk_path(mnt, "vm-raw", "full", "vda"), "rb")
+        res = subprocess.run([*snapfs, "umount", str(mnt)], capture_output=True, text=True)
+        assert res.returncode != 0
+        assert "busy" in res.stderr and f"fuser -vm {mnt}" in res.stderr, res.stderr
+        assert "--lazy" in res.stderr
+        assert fstype_at(mnt) == "fuse.snapfs" and len(f.read(4096)) == 4096
+        res = subprocess.run(
+            [*snapfs, "umount", "--lazy", str(mnt)], capture_output=True, text=True
+        )
+        assert fstype_at(mnt) is None  # detached at once
+        assert len(f.read(4096)) == 4096  # the open file still reads
+        f.close()
+        assert proc.wait(30) == 0
+        assert not runtime_dir_for(mnt).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
