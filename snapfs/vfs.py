@@ -424,17 +424,18 @@ class _DiskHandle(OpenFile):
         # A live view's job may end and restart at a later point in time: no stale pages.
         self.keep_cache = not export.restartable_source
 
+    @property
+    def _immutable(self) -> bool:
+        """Whether the page cache may be filled beyond what the kernel asked for."""
+        return self.keep_cache and self._export.readonly
+
     def may_widen(self, offset: int, size: int) -> bool:
         # A read of holes is answered without the server; filling the page cache with more
         # zeros costs more than it saves (measured: docs/benchmarks.md, session 5).
-        export = self._export
-        return self.keep_cache and export.readonly and export.may_hold_data(offset, size)
+        return self._immutable and self._export.may_hold_data(offset, size)
 
     def holes(self, start: int, end: int) -> list[tuple[int, int]]:
-        export = self._export
-        if not (self.keep_cache and export.readonly):
-            return []
-        return export.holes(start, end)
+        return self._export.holes(start, end) if self._immutable else []
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.

@@ -34,11 +34,16 @@ SIZE = 16 * MiB + 12 * KiB  # not a multiple of the window: the last one is shor
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A repository with one qcow2 disk (data, holes, a short last window) and its bytes."""
-    tmp = tmp_path_factory.mktemp("readaround")
+    data = [(0, 8 * MiB), (10 * MiB + 100 * KiB, 40 * KiB), (SIZE - 8 * KiB, 8 * KiB)]
+    return repo_with_disk(tmp_path_factory.mktemp("readaround"), SIZE, data)
+
+
+def repo_with_disk(tmp: Path, size: int, data: list[tuple[int, int]]) -> tuple[Path, bytes]:
+    """A repository in ``tmp`` with snapshot s1 of VM vm: one qcow2 disk of ``size`` bytes,
+    random ``data`` (offset, length) and holes elsewhere; and the disk's bytes."""
     repo = tmp / "repo"
     writer.init_repository(repo)
-    data = [(0, 8 * MiB), (10 * MiB + 100 * KiB, 40 * KiB), (SIZE - 8 * KiB, 8 * KiB)]
-    src = imaging.random_raw(tmp / "src.raw", SIZE, data)
+    src = imaging.random_raw(tmp / "src.raw", size, data)
     writer.add_snapshot(
         repo, "vm", [writer.DiskSource("vda", src, "raw")], format="qcow2", name="s1",
         created=1_700_000_000,
@@ -279,16 +284,7 @@ SPARSE_DATA = [(0, MiB), (20 * MiB + 300 * KiB, 724 * KiB), (24 * MiB, 12 * MiB)
 
 @pytest.fixture(scope="module")
 def sparse(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    tmp = tmp_path_factory.mktemp("storeahead")
-    repo = tmp / "repo"
-    writer.init_repository(repo)
-    src = imaging.random_raw(tmp / "src.raw", SPARSE_SIZE, SPARSE_DATA)
-    writer.add_snapshot(
-        repo, "vm", [writer.DiskSource("vda", src, "raw")], format="qcow2", name="s1",
-        created=1_700_000_000,
-    )  # fmt: skip
-    image = next((repo / "vms").rglob("vda.qcow2"))
-    return repo, imaging.to_raw(image, tmp / "ref.raw")
+    return repo_with_disk(tmp_path_factory.mktemp("storeahead"), SPARSE_SIZE, SPARSE_DATA)
 
 
 def read_in_order(fd: int, size: int, block: int = MiB) -> bytes:
