@@ -42,6 +42,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -64,8 +65,15 @@ PAGE = 4096
 
 StoreFn = Callable[[int, int, bytes | memoryview], None]
 HolesFn = Callable[[int, int], list[tuple[int, int]]]
-# A queued job: (inode, pieces, bytes counted as pending, the stream's file handle or None).
-_Job = tuple[int, list[tuple[int, bytes | memoryview]], int, int | None]
+
+
+class _Job(NamedTuple):
+    """Pages queued for the store thread."""
+
+    ino: int
+    pieces: list[tuple[int, bytes | memoryview]]  # (offset, bytes)
+    nbytes: int  # counted as pending: read-around windows only
+    stream: int | None  # the file handle whose reads these are stored ahead of, if any
 
 
 class ReadAround:
@@ -200,7 +208,7 @@ class ReadAround:
                 pieces.append((pos, zeros[: piece_end - pos]))
                 pos = piece_end
         if pieces:
-            self._enqueue((ino, pieces, 0, fh))
+            self._enqueue(_Job(ino, pieces, 0, fh))
 
     def forget(self, fh: int) -> None:
         """The file handle was released."""
@@ -228,13 +236,13 @@ class ReadAround:
         if pieces and not self._closed:
             self.reads += 1
             nbytes = sum(len(piece) for _, piece in pieces)
-            self._enqueue((ino, list(pieces), nbytes, None))
+            self._enqueue(_Job(ino, list(pieces), nbytes, None))
         return view[head:tail]
 
     def _enqueue(self, job: _Job) -> None:
         with self._lock:
             self._pending += 1
-            self._pending_bytes += job[2]
+            self._pending_bytes += job.nbytes
             self._idle.clear()
         if self._thread is None:
             self._thread = threading.Thread(
