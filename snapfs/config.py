@@ -9,6 +9,7 @@ one table per subsystem::
     read_ahead_kb = 1024   # the mount's kernel read-ahead (0: leave the kernel default)
     read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
     store_ahead_kb = 8192  # holes stored this far ahead of a sequential reader (0: off)
+    store_threads = 2      # threads putting read-around and store-ahead pages in the cache
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -57,6 +58,9 @@ class NbdSettings:
     # put into the page cache (as zeros, from the store thread), in parallel with the
     # loop's replies (snapfs.readaround). 0 turns it off.
     store_ahead_kb: int = 8192
+    # Threads that put those pages into the page cache. A store's cost is mostly the host
+    # faulting in fresh memory, which runs in parallel even beyond the vCPUs.
+    store_threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
         raise SnapfsUserError(
             f"{path}: nbd.store_ahead_kb must be a multiple of 4 between 0 and 1048576"
         )
+    if not 1 <= settings.nbd.store_threads <= 16:
+        raise SnapfsUserError(f"{path}: nbd.store_threads must be between 1 and 16")
     lv = settings.libvirt
     if not (lv.nbd_port > 0 and lv.nbd_ports >= 1 and lv.nbd_port + lv.nbd_ports - 1 <= 65535):
         raise SnapfsUserError(f"{path}: libvirt.nbd_port/nbd_ports must name TCP ports")

@@ -27,12 +27,18 @@ Only for data that cannot change under the page cache (snapshot disks, ``keep_ca
 storing pages of a writable file could overwrite newer data.
 
 Thread rules: ``window_for`` and ``reply`` run on the trio loop and never block; stores run
-on one store thread of their own (fed by a queue: no trio round trip per store), because a
+on store threads of their own (fed by a queue: no trio round trip per store), because a
 store waits for page locks that the kernel holds while a read of those pages is queued for
 this daemon, and only the loop can answer it. Hence also the
 shutdown rule: stores must finish while the main loop still answers requests (``aclose``
 before ``pyfuse3.terminate``), and after the main loop ended, a store that does not finish
 is released by aborting the FUSE connection (``abort``) before the session is closed.
+
+Several store threads (``threads``): a store's cost is mostly the host faulting fresh guest
+memory in for the new pages, and that runs in parallel beyond the guest's vCPUs; nbdfuse's
+four FUSE threads win a whole-disk read by just that in the machine's slow phases
+(docs/benchmarks.md, sessions 6 and 7). Stored-ahead holes are queued one stripe per job, so
+the threads share a stream.
 """
 
 from __future__ import annotations
@@ -88,13 +94,15 @@ class ReadAround:
         ahead: int = 0,
         stripe: int = 1 << 20,
         store: StoreFn | None = None,
+        threads: int = 1,
     ) -> None:
         self.window = max(0, window)
         self.ahead = max(0, ahead)
+        self.threads = max(1, threads)
         self.set_stripe(stripe)
         self._store_fn: StoreFn = store or pyfuse3.notify_store
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         # Per file handle: end of its previous read (read by the store thread too: a dict
         # read under the GIL), and for a sequential stream its stripe phase and how far
         # store-ahead has been queued.
@@ -195,7 +203,6 @@ class ReadAround:
         if last - first < stripe:
             return
         self._ahead_to[fh] = last
-        pieces: list[tuple[int, bytes | memoryview]] = []
         zeros = memoryview(self._zeros)
         for start, stop in holes(first, last):
             pos = start
@@ -205,10 +212,9 @@ class ReadAround:
                     pos += PAGE  # the kernel's own: it carries the read-ahead mark
                     continue
                 piece_end = min(stop, boundary + stripe)
-                pieces.append((pos, zeros[: piece_end - pos]))
+                # One job per stripe: the store threads share the stream.
+                self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
                 pos = piece_end
-        if pieces:
-            self._enqueue(_Job(ino, pieces, 0, fh))
 
     def forget(self, fh: int) -> None:
         """The file handle was released."""
@@ -244,15 +250,17 @@ class ReadAround:
             self._pending += 1
             self._pending_bytes += job.nbytes
             self._idle.clear()
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._store_loop, name="snapfs-read-around", daemon=True
-            )
-            self._thread.start()
+        if not self._workers:
+            for number in range(self.threads):
+                worker = threading.Thread(
+                    target=self._store_loop, name=f"snapfs-store-{number}", daemon=True
+                )
+                worker.start()
+                self._workers.append(worker)
         self._queue.put(job)
 
     def _store_loop(self) -> None:
-        """The store thread: one queued window after the other, until ``None``.
+        """A store thread: one queued job after the other, until ``None``.
 
         A daemon thread: a store the kernel never lets finish must not keep the process.
         """
@@ -280,12 +288,14 @@ class ReadAround:
         """
         for offset, data in pieces:
             if stream is not None and offset < self._ends.get(stream, 0) + self.stripe:
-                self.stale_bytes += len(data)
+                with self._lock:
+                    self.stale_bytes += len(data)
                 continue
             try:
                 self._store_fn(ino, offset, data)
             except OSError as exc:
-                self.failed_stores += 1
+                with self._lock:
+                    self.failed_stores += 1
                 # ENOENT: the kernel dropped the inode meanwhile (file closed and evicted);
                 # ENODEV/ENOTCONN: the connection ended. Neither loses anything: a store is
                 # only a hint, and the pages are read again when asked for.
@@ -294,10 +304,11 @@ class ReadAround:
                     self._warned = True
                     log.warning("read-around: cannot store pages of inode %d: %s", ino, exc)
                 return
-            if stream is None:
-                self.stored_bytes += len(data)
-            else:
-                self.ahead_bytes += len(data)
+            with self._lock:  # several store threads count
+                if stream is None:
+                    self.stored_bytes += len(data)
+                else:
+                    self.ahead_bytes += len(data)
 
     async def aclose(self, abort: Callable[[], bool] | None = None) -> None:
         """Stop storing and wait for the stores in flight.
@@ -308,7 +319,7 @@ class ReadAround:
         """
         self._closed = True
         if await self.wait_idle():
-            self._stop_thread()
+            self._stop_threads()
             return
         aborted = abort() if abort is not None else False
         log.warning(
@@ -318,11 +329,11 @@ class ReadAround:
             "aborted the FUSE connection" if aborted else "cannot abort the FUSE connection",
         )
         if await self.wait_idle():
-            self._stop_thread()
+            self._stop_threads()
             return
         # Not reached unless the kernel keeps the pages locked: shutting down beats hanging.
         log.error("read-around: %d page-cache stores did not end; going on", self._pending)
-        self._stop_thread()  # the thread ends whenever its store returns
+        self._stop_threads()  # a thread ends whenever its store returns
 
     async def wait_idle(self) -> bool:
         """Whether the queued stores ended within ``DRAIN_TIMEOUT_S`` (waited for off the
@@ -334,9 +345,9 @@ class ReadAround:
         )
         return ended
 
-    def _stop_thread(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)  # it ends after the (already finished) queue
+    def _stop_threads(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)  # each ends after the (already finished) queue
 
     def summary(self) -> str:
         return (

@@ -322,3 +322,36 @@ def test_a_reader_of_mostly_holes_is_not_widened() -> None:
     assert ra.worth_widening(3, True)
     ra.forget(2)
     assert ra.worth_widening(2, True)
+
+
+def test_several_store_threads_share_a_stream_and_all_stop() -> None:
+    # Each stripe is its own job, so the threads store a stream's stripes side by side: with
+    # two threads, the first two stores are in flight together (each waits for the other).
+    in_store = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    stored: list[tuple[int, int, str]] = []
+    arrivals = iter(range(1 << 30))  # next() under the GIL: each store gets its own number
+
+    def store(ino: int, offset: int, data: bytes | memoryview) -> None:
+        if next(arrivals) < 2:
+            in_store.wait()  # raises BrokenBarrierError if the second thread never comes
+        with lock:
+            stored.append((offset, len(data), threading.current_thread().name))
+
+    holes_fn = _holes_between([(0, 64 * MiB)])
+
+    async def main() -> None:
+        ra = ReadAround(W, ahead=6 * MiB, stripe=S, store=store, threads=2)
+        _stream(ra, [(0, S), (S, S)], holes_fn)
+        await ra.aclose()
+        assert ra.failed_stores == 0
+        assert ra.ahead_bytes == 5 * (S - 4096)  # stripes 3..7 MiB, counted by both threads
+        workers = list(ra._workers)
+        assert len(workers) == 2
+        for worker in workers:
+            worker.join(timeout=5)
+            assert not worker.is_alive()  # aclose stopped every thread
+
+    trio.run(main)
+    assert sorted(off for off, _, _ in stored) == [k * S + 4096 for k in range(3, 8)]
+    assert len({name for *_, name in stored}) == 2
