@@ -619,7 +619,7 @@ def kernel_floor_file(workdir: Path, size: int) -> Path | None:
     from a daemon), the least time any page-cached reader of the image can take. None on
     tmpfs, whose holes are read from the shared zero page (no page-cache fill)."""
     path = workdir / f"floor-{size >> 20}M.sparse"
-    fs = run(["stat", "-f", "-c", "%T", str(workdir)]).stdout.strip()
+    fs = run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True).stdout.strip()
     if fs in ("tmpfs", "ramfs"):
         console.log(f"{workdir} is {fs}: no kernel-floor row (its holes fill no page cache)")
         return None

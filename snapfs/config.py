@@ -10,6 +10,7 @@ one table per subsystem::
     read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
     store_ahead_kb = 8192  # holes stored this far ahead of a sequential reader (0: off)
     store_threads = 2      # threads putting read-around and store-ahead pages in the cache
+    store_process = true   # store-ahead of holes from a process of its own (snapfs.storeproc)
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -61,6 +62,10 @@ class NbdSettings:
     # Threads that put those pages into the page cache. A store's cost is mostly the host
     # faulting in fresh memory, which runs in parallel even beyond the vCPUs.
     store_threads: int = 2
+    # Store-ahead of holes from a helper process (snapfs.storeproc) with ``store_threads``
+    # threads of its own interpreter: pyfuse3 writes replies with the GIL held, so the
+    # daemon's own store threads fall behind the loop's reply copies. False: daemon threads.
+    store_process: bool = True
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ async def serve(
                 ahead=settings.nbd.store_ahead_kb << 10,
                 # The kernel's read-ahead window; 128 KiB is what libfuse negotiates.
                 stripe=(settings.nbd.read_ahead_kb or 128) << 10,
+                threads=settings.nbd.store_threads,
             )
             operations = Operations(tree, read_around)
             pyfuse3.init(
@@ -208,6 +209,9 @@ async def serve(
                 str(mountpoint),
                 fuse_options(source, allow_other=allow_other, debug=debug_fuse),
             )
+            if settings.nbd.store_process:
+                # Here, on the main thread: the process's death signal follows this thread.
+                read_around.start_store_process()
             main_returned = trio.Event()
             try:
                 nursery.start_soon(_terminate_on_signals, read_around)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -52,6 +53,8 @@ from typing import NamedTuple
 
 import pyfuse3
 import trio
+
+from snapfs.storeproc import StoreProcess, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +119,17 @@ class ReadAround:
         self._pending_bytes = 0
         self._idle = threading.Event()
         self._idle.set()
+        # The store process for holes (``start_store_process``), and its jobs not yet
+        # acknowledged (counted in ``_pending`` too).
+        self._process: StoreProcess | None = None
+        self._process_pending = 0
         self._closed = False
         self._warned = False
         self.reads = 0  # random reads served with their window
         self.stored_bytes = 0
         self.ahead_bytes = 0  # zeros stored ahead of sequential streams
         self.stale_bytes = 0  # ahead stores skipped: the reader had caught up
+        self.process_bytes = 0  # of ahead_bytes, stored by the store process
         self.failed_stores = 0
 
     def set_stripe(self, stripe: int) -> None:
@@ -212,9 +220,70 @@ class ReadAround:
                     pos += PAGE  # the kernel's own: it carries the read-ahead mark
                     continue
                 piece_end = min(stop, boundary + stripe)
-                # One job per stripe: the store threads share the stream.
-                self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
+                # One job per stripe: the store threads (or the process's) share the stream.
+                if not self._submit_zeros(ino, pos, piece_end - pos):
+                    self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
                 pos = piece_end
+
+    # -- the store process (zeros only: holes carry no data to hand over) ------------------
+    def start_store_process(self) -> bool:
+        """Start the store process for holes (snapfs.storeproc), on this mount's
+        ``/dev/fuse``. Call from the main thread after ``pyfuse3.init``. Whether it runs;
+        if not, the store threads store the holes as well."""
+        if not self.ahead or self._process is not None:
+            return self._process is not None
+        fd = fuse_device_fd()
+        if fd is None:
+            log.warning("store process: cannot tell this mount's /dev/fuse; using threads")
+            return False
+        try:
+            self._process = StoreProcess.start(fd, self.threads, self._acked, self._gone)
+        except OSError as exc:
+            log.warning("store process: cannot start (%s); using threads", exc)
+            return False
+        log.info("store process pid %d: %d threads", self._process.pid, self.threads)
+        return True
+
+    def _submit_zeros(self, ino: int, offset: int, length: int) -> bool:
+        process = self._process
+        if process is None:
+            return False
+        with self._lock:  # counted before the ack can arrive
+            self._pending += 1
+            self._process_pending += 1
+            self._idle.clear()
+        if process.submit(ino, offset, length):
+            return True
+        self._acked(errno.EAGAIN, 0, counted=False)
+        return False
+
+    def _acked(self, status: int, length: int, *, counted: bool = True) -> None:
+        """A store process job ended (on its reader thread), or was not taken."""
+        with self._lock:
+            self._pending -= 1
+            self._process_pending -= 1
+            if counted:
+                if status == 0:
+                    self.ahead_bytes += length
+                    self.process_bytes += length
+                else:
+                    self.failed_stores += 1
+            if self._pending == 0:
+                self._idle.set()
+        quiet = status in (0, errno.EAGAIN, errno.ENOENT, errno.ENODEV, errno.ENOTCONN)
+        if not quiet and not self._warned:
+            self._warned = True
+            log.warning("read-around: store process cannot store pages: %s", os.strerror(status))
+
+    def _gone(self) -> None:
+        """The store process ended (on its reader thread): its unacknowledged jobs are void."""
+        with self._lock:
+            lost, self._process_pending = self._process_pending, 0
+            self._pending -= lost
+            if self._pending == 0:
+                self._idle.set()
+        if not self._closed:
+            log.warning("read-around: the store process ended; storing holes on threads")
 
     def forget(self, fh: int) -> None:
         """The file handle was released."""
@@ -311,12 +380,21 @@ class ReadAround:
                     self.ahead_bytes += len(data)
 
     async def aclose(self, abort: Callable[[], bool] | None = None) -> None:
-        """Stop storing and wait for the stores in flight.
+        """Stop storing and wait for the stores in flight; then the store process (if any) ends.
 
         Call it while the main loop still answers requests. If stores are still running
         after ``DRAIN_TIMEOUT_S`` (the loop has stopped answering), ``abort`` ends the FUSE
         connection, which fails the reads whose pages they wait for, and they return.
         """
+        try:
+            await self._drain(abort)
+        finally:
+            if self._process is not None:
+                # Idle by now (or stuck past the abort): it exits at the end of its input,
+                # or is killed; reaped off the loop.
+                await trio.to_thread.run_sync(self._process.close, DRAIN_TIMEOUT_S)
+
+    async def _drain(self, abort: Callable[[], bool] | None) -> None:
         self._closed = True
         if await self.wait_idle():
             self._stop_threads()
@@ -354,6 +432,7 @@ class ReadAround:
             f"read-around: {self.reads} random reads widened, "
             f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache; "
             f"{self.ahead_bytes / (1 << 20):.1f} MiB of holes stored ahead of sequential "
-            f"reads ({self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up)"
+            f"reads ({self.process_bytes / (1 << 20):.1f} MiB of it by the store process, "
+            f"{self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up)"
             + (f", {self.failed_stores} stores failed" if self.failed_stores else "")
         )

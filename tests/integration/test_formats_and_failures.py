@@ -271,12 +271,23 @@ def test_kill_9_takes_servers_along_and_stale_mount_is_handled(formats_repo: Pat
             ).stdout.split()
         ]
         assert servers
+        # The store process (snapfs.storeproc) holds the mount's /dev/fuse too: if it
+        # outlived the daemon the connection would stay up and the mount would hang.
+        helpers = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(proc.pid), "-f", "snapfs.storeproc"],
+                capture_output=True, text=True,
+            ).stdout.split()
+        ]  # fmt: skip
+        assert helpers
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
-        while kill_tree_check(servers) and time.monotonic() < deadline:
+        while kill_tree_check(servers + helpers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert kill_tree_check(servers) == [], "qemu-nbd outlived its daemon"
+        assert kill_tree_check(helpers) == [], "the store process outlived its daemon"
         # The mountpoint is now dead: a new mount says so, and --force clears it.
         snapfs = [sys.executable, "-m", "snapfs"]
         res = subprocess.run(

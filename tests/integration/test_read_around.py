@@ -303,15 +303,27 @@ def ahead_stored_mib(m: Mounted) -> float:
     return float(found.group(1))
 
 
+def store_process_pids(m: Mounted) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(m.proc.pid), "-f", "snapfs.storeproc"], capture_output=True, text=True
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("mode", ["process", "threads"])
 @pytest.mark.parametrize("block", [MiB, 128 * KiB])
 def test_store_ahead_fills_holes_for_a_sequential_reader(
-    sparse: tuple[Path, bytes], tmp_path: Path, block: int
+    sparse: tuple[Path, bytes], tmp_path: Path, block: int, mode: str
 ) -> None:
     """A whole-file read in order: the holes ahead of it are stored as zeros by the store
-    thread, the data is not (the file reads right, twice: the second time from the page
-    cache as filled)."""
+    process (or the daemon's store threads), the data is not (the file reads right, twice:
+    the second time from the page cache as filled). The process ends with the mount."""
     repo, ref = sparse
-    with mounted(repo, tmp_path / "m") as m:
+    config = tmp_path / "config.toml"
+    config.write_text(f"[nbd]\nstore_process = {str(mode == 'process').lower()}\n")
+    with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
+        helpers = store_process_pids(m)
+        assert len(helpers) == (1 if mode == "process" else 0), m.log_text()
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
         try:
@@ -325,7 +337,15 @@ def test_store_ahead_fills_holes_for_a_sequential_reader(
     # Holes: ~34 MiB; stored ahead is most of it (a store the reader caught up with is
     # skipped, and each stripe's first page is the kernel's to read).
     assert ahead_stored_mib(m) > 8, m.log_text()
-    assert "read-around: cannot store" not in m.log_text()
+    assert "cannot store" not in m.log_text()
+    assert "store process ended" not in m.log_text()
+    by_process = re.search(r"([\d.]+) MiB of it by the store process", m.log_text())
+    assert by_process, m.log_text()
+    if mode == "process":
+        assert float(by_process.group(1)) > 8, m.log_text()
+    else:
+        assert float(by_process.group(1)) == 0
+    assert kill_tree_check(helpers) == [], "the store process outlived its mount"
 
 
 def test_store_ahead_off(sparse: tuple[Path, bytes], tmp_path: Path) -> None:
