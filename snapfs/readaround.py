@@ -254,23 +254,27 @@ class ReadAround:
             self._idle.clear()
         if process.submit(ino, offset, length):
             return True
-        self._acked(errno.EAGAIN, 0, counted=False)
+        with self._lock:
+            self._end_process_jobs(1)
         return False
 
-    def _acked(self, status: int, length: int, *, counted: bool = True) -> None:
-        """A store process job ended (on its reader thread), or was not taken."""
+    def _end_process_jobs(self, count: int) -> None:
+        """``count`` store process jobs are no longer pending (under the lock)."""
+        self._pending -= count
+        self._process_pending -= count
+        if self._pending == 0:
+            self._idle.set()
+
+    def _acked(self, status: int, length: int) -> None:
+        """A store process job ended (on its reader thread)."""
         with self._lock:
-            self._pending -= 1
-            self._process_pending -= 1
-            if counted:
-                if status == 0:
-                    self.ahead_bytes += length
-                    self.process_bytes += length
-                else:
-                    self.failed_stores += 1
-            if self._pending == 0:
-                self._idle.set()
-        quiet = status in (0, errno.EAGAIN, errno.ENOENT, errno.ENODEV, errno.ENOTCONN)
+            self._end_process_jobs(1)
+            if status == 0:
+                self.ahead_bytes += length
+                self.process_bytes += length
+            else:
+                self.failed_stores += 1
+        quiet = status in (0, errno.ENOENT, errno.ENODEV, errno.ENOTCONN)
         if not quiet and not self._warned:
             self._warned = True
             log.warning("read-around: store process cannot store pages: %s", os.strerror(status))
@@ -278,10 +282,7 @@ class ReadAround:
     def _gone(self) -> None:
         """The store process ended (on its reader thread): its unacknowledged jobs are void."""
         with self._lock:
-            lost, self._process_pending = self._process_pending, 0
-            self._pending -= lost
-            if self._pending == 0:
-                self._idle.set()
+            self._end_process_jobs(self._process_pending)
         if not self._closed:
             log.warning("read-around: the store process ended; storing holes on threads")
 
