@@ -16,15 +16,15 @@ Owns both ends: ``StoreProcess`` (the daemon side: spawn, submit, acknowledgemen
 Protocol: the daemon writes records ``<QQI`` (inode, offset, length) to the process's stdin;
 the process answers each with ``<BI`` (0 stored / errno, length) on stdout. End of stdin: the
 queued stores finish and the process exits. Its fd of ``/dev/fuse`` is the daemon's own
-(inherited), so a store is exactly what ``pyfuse3.notify_store`` would send. The process
-asks the kernel for SIGTERM when the daemon's main thread dies (``PR_SET_PDEATHSIG``), and
-exits if its parent is already gone: it never outlives the mount.
+(inherited), so a store is exactly what ``pyfuse3.notify_store`` would send. It is started
+through ``setpriv --pdeathsig TERM`` like the NBD servers (snapfs.nbd.server): the kernel
+sends it SIGTERM when the daemon's main thread dies; and it exits at once if its parent is
+gone before that took effect: it never outlives the mount.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import queue
@@ -43,7 +43,6 @@ _OUT_HEADER = struct.Struct("<IiQ")
 _STORE_OUT = struct.Struct("<QQII")
 FUSE_NOTIFY_STORE = 4
 MAX_STORE = 1 << 20  # one read-ahead stripe at most (jobs are one stripe each)
-_PR_SET_PDEATHSIG = 1
 
 Ack = Callable[[int, int], None]  # (0 or errno, length)
 
@@ -86,8 +85,8 @@ class StoreProcess:
               ) -> StoreProcess:  # fmt: skip
         """Spawn it. Call from the main thread: the death signal follows the forking thread."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "snapfs.storeproc", str(fuse_fd), str(threads),
-             str(os.getpid())],
+            ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "snapfs.storeproc",
+             str(fuse_fd), str(threads), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fuse_fd,),
             cwd="/", close_fds=True,
         )  # fmt: skip
@@ -148,13 +147,6 @@ class StoreProcess:
 
 
 # -- the process ---------------------------------------------------------------------------
-def _die_with_parent(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the prctl took effect
-        os._exit(0)
-
-
 def _serve(fuse_fd: int, threads: int, jobs_in: int, acks_out: int) -> None:
     zeros = memoryview(bytes(MAX_STORE))
     jobs: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
@@ -196,7 +188,8 @@ def _serve(fuse_fd: int, threads: int, jobs_in: int, acks_out: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fuse_fd, threads, parent = int(args[0]), int(args[1]), int(args[2])
-    _die_with_parent(parent)
+    if os.getppid() != parent:  # it died before setpriv's death signal took effect
+        return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon handles Ctrl-C and stops us
     try:
         _serve(fuse_fd, threads, sys.stdin.fileno(), sys.stdout.fileno())
