@@ -606,7 +606,7 @@ def disk_seq_whole(bench: Bench) -> None:
     if floor is not None:
         tools[KERNEL_FLOOR] = (floor, functools.partial(read_and_drop, size=img.size))
     compare(bench, WHOLE_IMAGE, img.size, tools, {"nbdfuse": 3.0}, setup)
-    note_out_of_reach(bench, 3.0)
+    note_kernel_floor(bench, 3.0)
 
 
 WHOLE_IMAGE = "2 seq read, whole sparse image"
@@ -641,7 +641,7 @@ def read_and_drop(path: Path, size: int) -> float:
     return elapsed
 
 
-def note_out_of_reach(bench: Bench, target: float) -> None:
+def note_kernel_floor(bench: Bench, target: float) -> None:
     """On the whole-image nbdfuse row: in how many runs ``target`` times nbdfuse was below
     the kernel-floor read of the same round. Context, not a verdict: the floor file's pages
     are as fresh to the host as that moment makes them, and a FUSE read right after its own

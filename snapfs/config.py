@@ -59,8 +59,8 @@ class NbdSettings:
     # put into the page cache (as zeros, from the store thread), in parallel with the
     # loop's replies (snapfs.readaround). 0 turns it off.
     store_ahead_kb: int = 8192
-    # Threads that put those pages into the page cache. A store's cost is mostly the host
-    # faulting in fresh memory, which runs in parallel even beyond the vCPUs.
+    # Threads that put those pages into the page cache: the store process's, and the
+    # daemon's own (read-around windows; holes when the process cannot take them).
     store_threads: int = 2
     # Store-ahead of holes from a helper process (snapfs.storeproc) with ``store_threads``
     # threads of its own interpreter: pyfuse3 writes replies with the GIL held, so the

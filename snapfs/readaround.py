@@ -34,11 +34,12 @@ shutdown rule: stores must finish while the main loop still answers requests (``
 before ``pyfuse3.terminate``), and after the main loop ended, a store that does not finish
 is released by aborting the FUSE connection (``abort``) before the session is closed.
 
-Several store threads (``threads``): a store's cost is mostly the host faulting fresh guest
-memory in for the new pages, and that runs in parallel beyond the guest's vCPUs; nbdfuse's
-four FUSE threads win a whole-disk read by just that in the machine's slow phases
-(docs/benchmarks.md, sessions 6 and 7). Stored-ahead holes are queued one stripe per job, so
-the threads share a stream.
+Several store threads (``threads``); stored-ahead holes are queued one stripe per job, so
+the threads share a stream. More threads did not make whole-disk reads faster (measured,
+docs/benchmarks.md session 8): pyfuse3 writes replies with the GIL held, and the threads wait
+on those copies. Holes therefore go to the store process (snapfs.storeproc, with ``threads``
+threads of its own interpreter) when it runs; the threads store read-around windows, and
+holes when the process cannot take them.
 """
 
 from __future__ import annotations
