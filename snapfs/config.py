@@ -8,9 +8,10 @@ one table per subsystem::
     idle_timeout = 60      # seconds a server with no open files stays up
     read_ahead_kb = 1024   # the mount's kernel read-ahead (0: leave the kernel default)
     read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
-    store_ahead_kb = 8192  # holes stored this far ahead of a sequential reader (0: off)
-    store_threads = 2      # threads putting read-around and store-ahead pages in the cache
+    store_ahead_kb = 16384 # pages stored this far ahead of a sequential reader (0: off)
+    store_threads = 4      # threads putting read-around and store-ahead pages in the cache
     store_process = true   # store-ahead of holes from a process of its own (snapfs.storeproc)
+    store_data = true      # that process also reads data ahead, over its own NBD connections
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -55,17 +56,23 @@ class NbdSettings:
     # window around it, whose rest goes into the page cache (snapfs.readaround): nearby
     # reads then never reach the daemon. 0 turns it off.
     read_around_kb: int = 256
-    # A sequential reader of a snapshot disk gets the holes this far ahead of its requests
-    # put into the page cache (as zeros, from the store thread), in parallel with the
-    # loop's replies (snapfs.readaround). 0 turns it off.
-    store_ahead_kb: int = 8192
+    # A sequential reader of a snapshot disk gets the pages this far ahead of its requests
+    # put into the page cache (zeros for holes; data read by the store process), in
+    # parallel with the loop's replies (snapfs.readaround). 0 turns it off.
+    store_ahead_kb: int = 16384
     # Threads that put those pages into the page cache: the store process's, and the
-    # daemon's own (read-around windows; holes when the process cannot take them).
-    store_threads: int = 2
+    # daemon's own (read-around windows; holes when the process cannot take them). The
+    # process's threads each wait for one NBD read at a time: 2 fell behind the reader, 4
+    # kept ahead of it (measured, docs/benchmarks.md session 9).
+    store_threads: int = 4
     # Store-ahead of holes from a helper process (snapfs.storeproc) with ``store_threads``
     # threads of its own interpreter: pyfuse3 writes replies with the GIL held, so the
     # daemon's own store threads fall behind the loop's reply copies. False: daemon threads.
     store_process: bool = True
+    # The store process also stores data ahead of sequential readers, read over NBD
+    # connections of its own (snapshot disks of snapfs's own qemu-nbd only): the daemon's
+    # loop then answers only the first page of each read-ahead window.
+    store_data: bool = True
 
 
 @dataclass(frozen=True)

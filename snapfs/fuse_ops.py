@@ -206,7 +206,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
                 data = await handle.read(*window)
                 return around.reply(self._open_inodes[fh], window[0], data, off, size)
             # Queued before this read is answered: the store thread fills pages meanwhile.
-            around.store_ahead(fh, self._open_inodes[fh], off, size, handle.holes)
+            around.store_ahead(
+                fh, self._open_inodes[fh], off, size, handle.holes, handle.data_ahead
+            )
         return await handle.read(off, size)
 
     @errno_boundary

@@ -202,6 +202,7 @@ async def serve(
                 # The kernel's read-ahead window; 128 KiB is what libfuse negotiates.
                 stripe=(settings.nbd.read_ahead_kb or 128) << 10,
                 threads=settings.nbd.store_threads,
+                data_ahead=settings.nbd.store_data,
             )
             operations = Operations(tree, read_around)
             pyfuse3.init(

@@ -14,14 +14,16 @@ into the page cache, so later reads nearby are page-cache hits that never reach 
 Sequential readers are left to the kernel's read-ahead: a read that starts where the
 previous read of the same file handle ended is served as asked.
 
-Store-ahead for sequential streams of holes: a reader going through a sparse disk in order
-gets the holes ahead of it stored as zeros (``ahead`` bytes ahead of its latest request),
-from the store thread, while the loop answers the kernel's requests. Both threads then fill
-pages in parallel; the fills (copies into fresh page-cache pages) are the cost of a
-whole-disk read here, not the NBD reads (docs/benchmarks.md, session 6). The first page of
-every read-ahead ``stripe`` is left out: the kernel's read-ahead puts its "read the next
-window" mark on the first page of each window, and only on a page it reads itself, so the
-reader's stream of read-ahead keeps going and the daemon keeps seeing how far it got.
+Store-ahead for sequential streams: a reader going through a disk in order gets the pages
+ahead of it stored (``ahead`` bytes ahead of its latest request): zeros for the holes, and
+the data, which the store process reads over NBD connections of its own
+(snapfs.storeproc), while the loop answers the kernel's requests. The fills (copies into
+fresh page-cache pages) are the cost of a whole-disk read here, not the NBD reads
+(docs/benchmarks.md, sessions 6 and 9). One page per ``gap`` (a quarter of ``ahead``) is
+left out: the kernel asks for it when the reader gets there (it reads only the pages
+missing from its read-ahead window), and that request is how the daemon keeps seeing how
+far the reader got. Leaving out the first page of every read-ahead ``stripe`` instead
+cost one round trip per MiB, for which the reader waits (measured: session 9).
 
 Only for data that cannot change under the page cache (snapshot disks, ``keep_cache``):
 storing pages of a writable file could overwrite newer data.
@@ -49,13 +51,13 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import pyfuse3
 import trio
 
-from snapfs.storeproc import StoreProcess, fuse_device_fd
+from snapfs.storeproc import DATA, StoreProcess, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ PAGE = 4096
 
 StoreFn = Callable[[int, int, bytes | memoryview], None]
 HolesFn = Callable[[int, int], list[tuple[int, int]]]
+# (start, end) → the NBD unix socket the store process may read the file's data from, and
+# the data ranges of [start, end); None where data is not to be read ahead.
+DataFn = Callable[[int, int], tuple[str, list[tuple[int, int]]] | None]
 
 
 class _Job(NamedTuple):
@@ -99,9 +104,11 @@ class ReadAround:
         stripe: int = 1 << 20,
         store: StoreFn | None = None,
         threads: int = 1,
+        data_ahead: bool = False,
     ) -> None:
         self.window = max(0, window)
         self.ahead = max(0, ahead)
+        self.data_ahead = data_ahead
         self.threads = max(1, threads)
         self.set_stripe(stripe)
         self._store_fn: StoreFn = store or pyfuse3.notify_store
@@ -132,10 +139,15 @@ class ReadAround:
         self.stale_bytes = 0  # ahead stores skipped: the reader had caught up
         self.process_bytes = 0  # of ahead_bytes, stored by the store process
         self.failed_stores = 0
+        self.data_ahead_bytes = 0  # data stored ahead of sequential streams (store process)
+        self.failed_data = 0
+        self._warned_data = False
 
     def set_stripe(self, stripe: int) -> None:
         """The kernel's read-ahead window for this mount (once known, before any read)."""
         self.stripe = max(PAGE, stripe - stripe % PAGE)
+        # The page left to the kernel: one per ``gap``, a quarter of the distance ahead.
+        self.gap = max(1, self.ahead // 4 // self.stripe) * self.stripe
         self._zeros = bytes(self.stripe)
 
     def window_for(self, fh: int, offset: int, size: int) -> tuple[int, int] | None:
@@ -193,12 +205,17 @@ class ReadAround:
         self._ahead_to.pop(fh, None)
         return False
 
-    def store_ahead(self, fh: int, ino: int, offset: int, size: int, holes: HolesFn) -> None:
-        """After a read of a sequential stream: queue zeros for the holes ahead of it.
+    def store_ahead(
+        self, fh: int, ino: int, offset: int, size: int, holes: HolesFn,
+        data: DataFn | None = None,
+    ) -> None:  # fmt: skip
+        """After a read of a sequential stream: queue stores of what lies ahead of it.
 
         From one stripe past this read (the kernel's next window, which it may be asking
         for already) to ``ahead`` bytes past it, in whole stripes, each without its first
-        page. Call after ``window_for`` for the same read.
+        page: zeros for the ``holes``, and, when the store process runs and ``data`` names
+        an NBD socket for them, the data ranges, which the process reads itself. Call
+        after ``window_for`` for the same read.
         """
         phase = self._phase.get(fh)
         if phase is None or not self.ahead or self._closed:
@@ -213,24 +230,40 @@ class ReadAround:
             return
         self._ahead_to[fh] = last
         zeros = memoryview(self._zeros)
-        for start, stop in holes(first, last):
+        for pos, piece_end in self._stripe_pieces(holes(first, last), phase):
+            if not self._submit_zeros(ino, pos, piece_end - pos):
+                self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
+        ahead_data = data(first, last) if data is not None and self._process is not None else None
+        if ahead_data is not None:
+            socket_path, ranges = ahead_data
+            for pos, piece_end in self._stripe_pieces(ranges, phase):
+                # Refused (pipe full, process gone): the kernel asks for it as usual.
+                self._submit_data(socket_path, ino, pos, piece_end - pos)
+
+    def _stripe_pieces(
+        self, ranges: list[tuple[int, int]], phase: int
+    ) -> Iterator[tuple[int, int]]:
+        """``ranges`` cut at stripe boundaries, each stripe's first page left out (the
+        kernel's own: it carries the read-ahead mark). One job per piece: the store threads
+        (or the process's) share the stream."""
+        stripe = self.stripe
+        gap = self.gap
+        for start, stop in ranges:
             pos = start
             while pos < stop:
                 boundary = pos - (pos - phase) % stripe
-                if pos == boundary:
-                    pos += PAGE  # the kernel's own: it carries the read-ahead mark
+                if pos == boundary and (boundary - phase) % gap == 0:
+                    pos += PAGE
                     continue
                 piece_end = min(stop, boundary + stripe)
-                # One job per stripe: the store threads (or the process's) share the stream.
-                if not self._submit_zeros(ino, pos, piece_end - pos):
-                    self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
+                yield pos, piece_end
                 pos = piece_end
 
-    # -- the store process (zeros only: holes carry no data to hand over) ------------------
+    # -- the store process --------------------------------------------------------------
     def start_store_process(self) -> bool:
-        """Start the store process for holes (snapfs.storeproc), on this mount's
-        ``/dev/fuse``. Call from the main thread after ``pyfuse3.init``. Whether it runs;
-        if not, the store threads store the holes as well."""
+        """Start the store process (snapfs.storeproc), on this mount's ``/dev/fuse``. Call
+        from the main thread after ``pyfuse3.init``. Whether it runs; if not, the store
+        threads store the holes, and data is not stored ahead."""
         if not self.ahead or self._process is not None:
             return self._process is not None
         fd = fuse_device_fd()
@@ -259,6 +292,20 @@ class ReadAround:
             self._end_process_jobs(1)
         return False
 
+    def _submit_data(self, socket_path: str, ino: int, offset: int, length: int) -> bool:
+        process = self._process
+        if process is None or not self.data_ahead:
+            return False
+        with self._lock:
+            self._pending += 1
+            self._process_pending += 1
+            self._idle.clear()
+        if process.submit_data(socket_path, ino, offset, length):
+            return True
+        with self._lock:
+            self._end_process_jobs(1)
+        return False
+
     def _end_process_jobs(self, count: int) -> None:
         """``count`` store process jobs are no longer pending (under the lock)."""
         self._pending -= count
@@ -266,15 +313,27 @@ class ReadAround:
         if self._pending == 0:
             self._idle.set()
 
-    def _acked(self, status: int, length: int) -> None:
+    def _acked(self, kind: int, status: int, length: int) -> None:
         """A store process job ended (on its reader thread)."""
         with self._lock:
             self._end_process_jobs(1)
-            if status == 0:
+            if status == 0 and kind == DATA:
+                self.data_ahead_bytes += length
+            elif status == 0:
                 self.ahead_bytes += length
                 self.process_bytes += length
+            elif kind == DATA:
+                self.failed_data += 1
             else:
                 self.failed_stores += 1
+        if kind == DATA and status != 0:
+            # Its server stopped or restarted, or a read failed: the kernel asks the daemon
+            # for those pages, whose read reports a real error to the reader.
+            if not self._warned_data:
+                self._warned_data = True
+                log.info("read-around: store process cannot read data ahead: %s",
+                         os.strerror(status))  # fmt: skip
+            return
         quiet = status in (0, errno.ENOENT, errno.ENODEV, errno.ENOTCONN)
         if not quiet and not self._warned:
             self._warned = True
@@ -435,6 +494,8 @@ class ReadAround:
             f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache; "
             f"{self.ahead_bytes / (1 << 20):.1f} MiB of holes stored ahead of sequential "
             f"reads ({self.process_bytes / (1 << 20):.1f} MiB of it by the store process, "
-            f"{self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up)"
+            f"{self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up); "
+            f"{self.data_ahead_bytes / (1 << 20):.1f} MiB of data stored ahead"
+            + (f" ({self.failed_data} reads failed)" if self.failed_data else "")
             + (f", {self.failed_stores} stores failed" if self.failed_stores else "")
         )

@@ -315,6 +315,13 @@ class OpenFile:
         with ahead of it (snapfs.readaround). Empty when unknown."""
         return []
 
+    def data_ahead(self, start: int, end: int) -> tuple[str, list[tuple[int, int]]] | None:
+        """Where the store process may read this file's data from ahead of a sequential
+        reader (an NBD unix socket serving it at the same offsets, for data that never
+        changes under the page cache) and the data ranges of ``[start, end)``; None when
+        data is not to be read ahead."""
+        return None
+
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         raise NotImplementedError
 
@@ -436,6 +443,13 @@ class _DiskHandle(OpenFile):
 
     def holes(self, start: int, end: int) -> list[tuple[int, int]]:
         return self._export.holes(start, end) if self._immutable else []
+
+    def data_ahead(self, start: int, end: int) -> tuple[str, list[tuple[int, int]]] | None:
+        export = self._export
+        # Only our own qemu-nbd: another server may take one client, or need TLS.
+        if not self._immutable or export.uri is not None or not export.running:
+            return None
+        return str(export.socket_path), export.data_ranges(start, end)
 
     async def read(self, offset: int, size: int) -> bytes | bytearray | memoryview:
         # Handed to the kernel on return, before any other task runs: a reused buffer is safe.

@@ -395,6 +395,16 @@ class DiskExport:
             return []
         return [(s.start, s.end) for s in extents.segments(start, end - start) if not s.data]
 
+    def data_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The data ranges of ``[start, end)`` (clipped to the disk); empty when unknown."""
+        extents = self.extents
+        if extents is None or self.size is None:
+            return []
+        end = min(end, self.size)
+        if start >= end:
+            return []
+        return [(s.start, s.end) for s in extents.segments(start, end - start) if s.data]
+
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes of the disk at ``offset`` (short at the end of the disk); a fresh copy."""
         return bytes(await self.read_transient(offset, size))

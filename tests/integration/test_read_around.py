@@ -310,20 +310,33 @@ def store_process_pids(m: Mounted) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.mark.parametrize("mode", ["process", "threads"])
+def data_stored_mib(m: Mounted) -> float:
+    """MiB of data stored ahead of sequential reads by the store process (unmount log)."""
+    found = re.search(r"([\d.]+) MiB of data stored ahead", m.log_text())
+    assert found, m.log_text()
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("mode", ["process", "process, no data", "threads"])
 @pytest.mark.parametrize("block", [MiB, 128 * KiB])
 def test_store_ahead_fills_holes_for_a_sequential_reader(
     sparse: tuple[Path, bytes], tmp_path: Path, block: int, mode: str
 ) -> None:
     """A whole-file read in order: the holes ahead of it are stored as zeros by the store
-    process (or the daemon's store threads), the data is not (the file reads right, twice:
-    the second time from the page cache as filled). The process ends with the mount."""
+    process (or the daemon's store threads), and the data by the store process, which reads
+    it from the disk's qemu-nbd itself (unless ``store_data = false``). The file reads
+    right, twice: the second time from the page cache as filled. The process ends with the
+    mount."""
     repo, ref = sparse
     config = tmp_path / "config.toml"
-    config.write_text(f"[nbd]\nstore_process = {str(mode == 'process').lower()}\n")
+    process = mode.startswith("process")
+    config.write_text(
+        f"[nbd]\nstore_process = {str(process).lower()}\n"
+        f"store_data = {str(mode == 'process').lower()}\n"
+    )
     with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
         helpers = store_process_pids(m)
-        assert len(helpers) == (1 if mode == "process" else 0), m.log_text()
+        assert len(helpers) == (1 if process else 0), m.log_text()
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
         try:
@@ -341,10 +354,16 @@ def test_store_ahead_fills_holes_for_a_sequential_reader(
     assert "store process ended" not in m.log_text()
     by_process = re.search(r"([\d.]+) MiB of it by the store process", m.log_text())
     assert by_process, m.log_text()
-    if mode == "process":
+    if process:
         assert float(by_process.group(1)) > 8, m.log_text()
     else:
         assert float(by_process.group(1)) == 0
+    # Data: ~14 MiB, most of it past the first 16 MiB ahead of the stream's start.
+    if mode == "process":
+        assert data_stored_mib(m) > 4, m.log_text()
+    else:
+        assert data_stored_mib(m) == 0, m.log_text()
+    assert "cannot read data ahead" not in m.log_text()
     assert kill_tree_check(helpers) == [], "the store process outlived its mount"
 
 

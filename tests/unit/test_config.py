@@ -23,13 +23,16 @@ def test_read_around_setting(tmp_path: Path) -> None:
     assert load_settings(path).nbd.read_around_kb == 0
     path.write_text("[nbd]\nstore_ahead_kb = 0\n")
     assert load_settings(path).nbd.store_ahead_kb == 0
-    assert Settings().nbd.store_ahead_kb == 8192
-    path.write_text("[nbd]\nstore_threads = 4\n")
-    assert load_settings(path).nbd.store_threads == 4
-    assert Settings().nbd.store_threads == 2
+    assert Settings().nbd.store_ahead_kb == 16384
+    path.write_text("[nbd]\nstore_threads = 2\n")
+    assert load_settings(path).nbd.store_threads == 2
+    assert Settings().nbd.store_threads == 4
     path.write_text("[nbd]\nstore_process = false\n")
     assert load_settings(path).nbd.store_process is False
     assert Settings().nbd.store_process is True
+    path.write_text("[nbd]\nstore_data = false\n")
+    assert load_settings(path).nbd.store_data is False
+    assert Settings().nbd.store_data is True
 
 
 @pytest.mark.parametrize(
@@ -42,6 +45,7 @@ def test_read_around_setting(tmp_path: Path) -> None:
         ("[nbd]\nstore_ahead_kb = 1023\n", "store_ahead_kb must be a multiple of 4"),
         ("[nbd]\nstore_ahead_kb = 2097152\n", "between 0 and 1048576"),
         ('[nbd]\nstore_process = "yes"\n', "must be bool"),
+        ("[nbd]\nstore_data = 1\n", "must be bool"),
         ("[nbd]\nstore_threads = 0\n", "store_threads must be between 1 and 16"),
         ("[nbd]\nstore_threads = 17\n", "store_threads must be between 1 and 16"),
         ("[nbd]\nread_arround_kb = 256\n", "unknown setting 'read_arround_kb'"),

@@ -17,6 +17,7 @@ import trio.testing
 
 from snapfs import readaround
 from snapfs.readaround import HolesFn, ReadAround
+from snapfs.storeproc import DATA, ZEROS
 
 KiB = 1024
 W = 256 * KiB
@@ -355,3 +356,85 @@ def test_several_store_threads_share_a_stream_and_all_stop() -> None:
     trio.run(main)
     assert sorted(off for off, _, _ in stored) == [k * S + 4096 for k in range(3, 8)]
     assert len({name for *_, name in stored}) == 2
+
+
+class _RecordingProcess:
+    """Stands in for the store process (snapfs.storeproc, tested as a real process in
+    tests/unit/test_storeproc.py): records the jobs and acknowledges each at once."""
+
+    def __init__(self, ra: ReadAround, refuse_data: bool = False) -> None:
+        self.ra = ra
+        self.zeros: list[tuple[int, int]] = []
+        self.data: list[tuple[str, int, int]] = []
+        self.refuse_data = refuse_data
+
+    def submit(self, ino: int, offset: int, length: int) -> bool:
+        self.zeros.append((offset, length))
+        self.ra._acked(ZEROS, 0, length)
+        return True
+
+    def submit_data(self, socket_path: str, ino: int, offset: int, length: int) -> bool:
+        if self.refuse_data:
+            return False
+        self.data.append((socket_path, offset, length))
+        self.ra._acked(DATA, 0, length)
+        return True
+
+    def close(self, timeout: float) -> bool:
+        return True
+
+
+def test_store_ahead_sends_data_to_the_store_process_and_leaves_a_page_per_gap() -> None:
+    # 16 MiB ahead: the kernel keeps one page per 4 MiB (a quarter of the distance), and
+    # asks for it: the daemon sees the reader's progress four times per distance ahead.
+    holes_fn = _holes_between([(0, 5 * S + 512 * KiB), (40 * S, 64 * S)])
+
+    def data_fn(start: int, end: int) -> tuple[str, list[tuple[int, int]]]:
+        return "/run/x.sock", [(max(start, 5 * S + 512 * KiB), min(end, 40 * S))]
+
+    async def main() -> None:
+        ra = ReadAround(W, ahead=16 * MiB, stripe=S, data_ahead=True)
+        assert ra.gap == 4 * S
+        fake = _RecordingProcess(ra)
+        ra._process = fake  # type: ignore[assignment]
+        for offset, size in [(0, S), (S, S)]:
+            assert ra.window_for(1, offset, size) is None
+            ra.store_ahead(1, 9, offset, size, holes_fn, data_fn)
+        assert await ra.wait_idle()
+        # From 3 MiB (the kernel's next window at 2 MiB is its own) to 18 MiB, in stripes;
+        # the first page of 4, 8, 12 and 16 MiB left out.
+        assert fake.zeros == [(3 * S, S), (4 * S + 4096, S - 4096), (5 * S, 512 * KiB)]
+        expected = [(5 * S + 512 * KiB, 512 * KiB)] + [
+            (k * S + (4096 if k % 4 == 0 else 0), S - (4096 if k % 4 == 0 else 0))
+            for k in range(6, 18)
+        ]
+        assert [(o, n) for _, o, n in fake.data] == expected
+        assert {p for p, _, _ in fake.data} == {"/run/x.sock"}
+        assert ra.data_ahead_bytes == sum(n for _, n in expected)
+        # The kernel's request for the page left at 4 MiB continues the stream.
+        assert ra.window_for(1, 4 * S, 4096) is None
+        await ra.aclose()
+        assert "MiB of data stored ahead" in ra.summary()
+
+    trio.run(main)
+
+
+def test_data_is_not_stored_ahead_when_off_or_refused() -> None:
+    holes_fn = _holes_between([])
+
+    def data_fn(start: int, end: int) -> tuple[str, list[tuple[int, int]]]:
+        return "/run/x.sock", [(start, end)]
+
+    async def main() -> None:
+        for data_ahead, refuse in ((False, False), (True, True)):
+            ra = ReadAround(W, ahead=16 * MiB, stripe=S, data_ahead=data_ahead)
+            fake = _RecordingProcess(ra, refuse_data=refuse)
+            ra._process = fake  # type: ignore[assignment]
+            for offset, size in [(0, S), (S, S)]:
+                ra.window_for(1, offset, size)
+                ra.store_ahead(1, 9, offset, size, holes_fn, data_fn)
+            # Refused jobs are not pending: nothing to wait for, nothing counted.
+            assert ra._pending == 0 and ra.data_ahead_bytes == 0 and fake.data == []
+            await ra.aclose()
+
+    trio.run(main)

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from snapfs.storeproc import ACK, JOB, StoreProcess, store_message
+from snapfs.storeproc import ACK, DATA, JOB, ZEROS, StoreProcess, store_message
 
 MiB = 1 << 20
 
@@ -56,7 +57,7 @@ def test_jobs_become_store_messages_and_are_acknowledged() -> None:
     gone = threading.Event()
     # One thread: a pipe (unlike /dev/fuse) interleaves concurrent writes of over 4 KiB.
     proc = StoreProcess.start(
-        fake_fuse_w, 1, lambda status, n: acks.append((status, n)), gone.set
+        fake_fuse_w, 1, lambda kind, status, n: acks.append((status, n)), gone.set
     )
     os.close(fake_fuse_w)
     try:
@@ -82,12 +83,85 @@ def test_jobs_become_store_messages_and_are_acknowledged() -> None:
         os.close(fake_fuse_r)
 
 
+def _serve(image: Path, sock: Path) -> subprocess.Popen[bytes]:
+    """A real read-only qemu-nbd on ``sock`` (as snapfs's own servers are)."""
+    sock.unlink(missing_ok=True)
+    server = subprocess.Popen(["qemu-nbd", "--persistent", "--read-only", "--format=raw",
+                               f"--socket={sock}", str(image)])  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+        time.sleep(0.02)
+    return server
+
+
+def test_data_jobs_store_the_servers_bytes_and_reconnect(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    content = os.urandom(4 * MiB)
+    image.write_bytes(content)
+    sock = tmp_path / "nbd.sock"
+    server = _serve(image, sock)
+    fake_fuse_r, fake_fuse_w = os.pipe()
+    acks: list[tuple[int, int, int]] = []
+    lock = threading.Lock()
+
+    def ack(kind: int, status: int, n: int) -> None:
+        with lock:
+            acks.append((kind, status, n))
+
+    def acked(count: int) -> list[tuple[int, int, int]]:
+        deadline = time.monotonic() + 30
+        while len(acks) < count:
+            assert time.monotonic() < deadline, f"acks so far: {acks}"
+            time.sleep(0.02)
+        return acks[:count]
+
+    proc = StoreProcess.start(fake_fuse_w, 1, ack, lambda: None)
+    os.close(fake_fuse_w)
+    got: list[tuple[int, int, int, int, bytes]] = []
+    try:
+        reader = threading.Thread(target=lambda: got.extend(read_messages(fake_fuse_r, 3)))
+        reader.start()
+        jobs = [(7, MiB + 4096, MiB - 4096), (7, 3 * MiB, 8192)]
+        for job in jobs:
+            assert proc.submit_data(str(sock), *job)
+        assert acked(2) == [(DATA, 0, MiB - 4096), (DATA, 0, 8192)]
+        # The server dies (killed, or stopped while idle): the next job fails with an errno
+        # and stores nothing; after a restart on the same socket, jobs connect again.
+        server.kill()
+        server.wait()
+        assert proc.submit_data(str(sock), 7, 0, 4096)
+        kind, status, n = acked(3)[2]
+        assert (kind, n) == (DATA, 4096) and status != 0
+        server = _serve(image, sock)
+        assert proc.submit_data(str(sock), 7, 2 * MiB, 4096)
+        assert acked(4)[3] == (DATA, 0, 4096)
+        reader.join(timeout=30)
+        assert not reader.is_alive()
+        assert [(e, ino, off, size) for e, ino, off, size, _ in got] == [
+            (4, 7, MiB + 4096, MiB - 4096), (4, 7, 3 * MiB, 8192), (4, 7, 2 * MiB, 4096)
+        ]  # fmt: skip
+        for _, _, off, size, data in got:
+            assert data == content[off : off + size]
+        # A socket nobody serves: an errno, and zeros jobs still work beside it.
+        assert proc.submit_data(str(tmp_path / "none.sock"), 7, 0, 4096)
+        assert proc.submit(7, 0, 4096)
+        assert proc.close(timeout=30)
+        assert acks[4][0] == DATA and acks[4][1] != 0
+        assert acks[5] == (ZEROS, 0, 4096)
+    finally:
+        proc.kill()
+        server.kill()
+        server.wait()
+        os.close(fake_fuse_r)
+
+
 def test_several_threads_acknowledge_every_job() -> None:
     sink = os.open(os.devnull, os.O_WRONLY)
     acks: list[tuple[int, int]] = []
     lock = threading.Lock()
 
-    def ack(status: int, n: int) -> None:
+    def ack(kind: int, status: int, n: int) -> None:
         with lock:
             acks.append((status, n))
 
@@ -106,7 +180,9 @@ def test_a_failed_store_is_acknowledged_with_its_errno() -> None:
     fake_fuse_r, fake_fuse_w = os.pipe()
     os.close(fake_fuse_r)  # writes fail with EPIPE, as a store to an ended connection fails
     acks: list[tuple[int, int]] = []
-    proc = StoreProcess.start(fake_fuse_w, 1, lambda s, n: acks.append((s, n)), lambda: None)
+    proc = StoreProcess.start(
+        fake_fuse_w, 1, lambda k, s, n: acks.append((s, n)), lambda: None
+    )
     os.close(fake_fuse_w)
     try:
         assert proc.submit(5, 0, 4096)
@@ -123,7 +199,7 @@ def test_it_dies_with_its_parent() -> None:
         "import os, sys, time\n"
         "from snapfs.storeproc import StoreProcess\n"
         "r, w = os.pipe()\n"
-        "p = StoreProcess.start(w, 1, lambda s, n: None, lambda: None)\n"
+        "p = StoreProcess.start(w, 1, lambda k, s, n: None, lambda: None)\n"
         "print(p.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -148,4 +224,4 @@ def _alive(pid: int) -> bool:
 
 
 def test_record_sizes() -> None:
-    assert JOB.size == 20 and ACK.size == 5
+    assert JOB.size == 24 and ACK.size == 6
