@@ -36,12 +36,13 @@ shutdown rule: stores must finish while the main loop still answers requests (``
 before ``pyfuse3.terminate``), and after the main loop ended, a store that does not finish
 is released by aborting the FUSE connection (``abort``) before the session is closed.
 
-Several store threads (``threads``); stored-ahead holes are queued one stripe per job, so
-the threads share a stream. More threads did not make whole-disk reads faster (measured,
+Stored-ahead pages are queued one stripe per job, so several threads share a stream. The
+daemon's own store threads did not make whole-disk reads faster (measured,
 docs/benchmarks.md session 8): pyfuse3 writes replies with the GIL held, and the threads wait
-on those copies. Holes therefore go to the store process (snapfs.storeproc, with ``threads``
-threads of its own interpreter) when it runs; the threads store read-around windows, and
-holes when the process cannot take them.
+on those copies. Store-ahead therefore goes to the store process (snapfs.storeproc, with
+``threads`` threads of its own interpreter) when it runs; the daemon then runs one store
+thread, for read-around windows (and holes the process cannot take), and ``threads`` of
+them only without the process.
 """
 
 from __future__ import annotations
@@ -381,13 +382,22 @@ class ReadAround:
             self._pending_bytes += job.nbytes
             self._idle.clear()
         if not self._workers:
-            for number in range(self.threads):
+            for number in range(self.daemon_threads):
                 worker = threading.Thread(
                     target=self._store_loop, name=f"snapfs-store-{number}", daemon=True
                 )
                 worker.start()
                 self._workers.append(worker)
         self._queue.put(job)
+
+    @property
+    def daemon_threads(self) -> int:
+        """How many store threads the daemon itself runs: ``threads``, or one while the
+        store process runs. Then they store only read-around windows (one per random read
+        of data), and each more thread took the GIL from the loop: 20,000 random reads with
+        4, 2 and 1 daemon threads took 4.22/2.88/2.46, 3.77/2.06/1.95 and 2.63/1.98/2.13 s
+        (paired rounds, docs/benchmarks.md session 9)."""
+        return 1 if self._process is not None else self.threads
 
     def _store_loop(self) -> None:
         """A store thread: one queued job after the other, until ``None``.
