@@ -387,23 +387,20 @@ class DiskExport:
 
     def holes(self, start: int, end: int) -> list[tuple[int, int]]:
         """The hole ranges of ``[start, end)`` (clipped to the disk); empty when unknown."""
-        extents = self.extents
-        if extents is None or self.size is None:
-            return []
-        end = min(end, self.size)
-        if start >= end:
-            return []
-        return [(s.start, s.end) for s in extents.segments(start, end - start) if not s.data]
+        return self._ranges(start, end, data=False)
 
     def data_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """The data ranges of ``[start, end)`` (clipped to the disk); empty when unknown."""
+        return self._ranges(start, end, data=True)
+
+    def _ranges(self, start: int, end: int, *, data: bool) -> list[tuple[int, int]]:
         extents = self.extents
         if extents is None or self.size is None:
             return []
         end = min(end, self.size)
         if start >= end:
             return []
-        return [(s.start, s.end) for s in extents.segments(start, end - start) if s.data]
+        return [(s.start, s.end) for s in extents.segments(start, end - start) if s.data == data]
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes of the disk at ``offset`` (short at the end of the disk); a fresh copy."""
