@@ -10,7 +10,7 @@ one table per subsystem::
     read_around_kb = 256   # a random read of a snapshot disk reads this window (0: off)
     store_ahead_kb = 16384 # pages stored this far ahead of a sequential reader (0: off)
     store_threads = 4      # threads putting read-around and store-ahead pages in the cache
-    store_process = true   # store-ahead of holes from a process of its own (snapfs.storeproc)
+    store_process = true   # store-ahead from a process of its own (snapfs.storeproc)
     store_data = true      # that process also reads data ahead, over its own NBD connections
 
     [guestfs]                  # see snapfs/guestfs/settings.py
@@ -65,13 +65,13 @@ class NbdSettings:
     # process's threads each wait for one NBD read at a time: 2 fell behind the reader, 4
     # kept ahead of it (measured, docs/benchmarks.md session 9).
     store_threads: int = 4
-    # Store-ahead of holes from a helper process (snapfs.storeproc) with ``store_threads``
+    # Store-ahead from a helper process (snapfs.storeproc) with ``store_threads``
     # threads of its own interpreter: pyfuse3 writes replies with the GIL held, so the
     # daemon's own store threads fall behind the loop's reply copies. False: daemon threads.
     store_process: bool = True
     # The store process also stores data ahead of sequential readers, read over NBD
     # connections of its own (snapshot disks of snapfs's own qemu-nbd only): the daemon's
-    # loop then answers only the first page of each read-ahead window.
+    # loop then answers only the page per gap left to the kernel (snapfs.readaround).
     store_data: bool = True
 
 

@@ -213,10 +213,10 @@ class ReadAround:
         """After a read of a sequential stream: queue stores of what lies ahead of it.
 
         From one stripe past this read (the kernel's next window, which it may be asking
-        for already) to ``ahead`` bytes past it, in whole stripes, each without its first
-        page: zeros for the ``holes``, and, when the store process runs and ``data`` names
-        an NBD socket for them, the data ranges, which the process reads itself. Call
-        after ``window_for`` for the same read.
+        for already) to ``ahead`` bytes past it, in whole stripes, without the first page
+        of each ``gap``: zeros for the ``holes``, and, when the store process runs with
+        ``data_ahead`` and ``data`` names an NBD socket for them, the data ranges, which
+        the process reads itself. Call after ``window_for`` for the same read.
         """
         phase = self._phase.get(fh)
         if phase is None or not self.ahead or self._closed:
@@ -234,7 +234,9 @@ class ReadAround:
         for pos, piece_end in self._stripe_pieces(holes(first, last), phase):
             if not self._submit_zeros(ino, pos, piece_end - pos):
                 self._enqueue(_Job(ino, [(pos, zeros[: piece_end - pos])], 0, fh))
-        ahead_data = data(first, last) if data is not None and self._process is not None else None
+        if data is None or not self.data_ahead or self._process is None:
+            return
+        ahead_data = data(first, last)
         if ahead_data is not None:
             socket_path, ranges = ahead_data
             for pos, piece_end in self._stripe_pieces(ranges, phase):
@@ -244,9 +246,9 @@ class ReadAround:
     def _stripe_pieces(
         self, ranges: list[tuple[int, int]], phase: int
     ) -> Iterator[tuple[int, int]]:
-        """``ranges`` cut at stripe boundaries, each stripe's first page left out (the
-        kernel's own: it carries the read-ahead mark). One job per piece: the store threads
-        (or the process's) share the stream."""
+        """``ranges`` cut at stripe boundaries, the first page of each ``gap`` left out (the
+        kernel asks for it: how the daemon sees the reader's progress). One job per piece:
+        the store threads (or the process's) share the stream."""
         stripe = self.stripe
         gap = self.gap
         for start, stop in ranges:
@@ -280,6 +282,15 @@ class ReadAround:
         return True
 
     def _submit_zeros(self, ino: int, offset: int, length: int) -> bool:
+        return self._to_process(lambda process: process.submit(ino, offset, length))
+
+    def _submit_data(self, socket_path: str, ino: int, offset: int, length: int) -> bool:
+        return self._to_process(
+            lambda process: process.submit_data(socket_path, ino, offset, length)
+        )
+
+    def _to_process(self, submit: Callable[[StoreProcess], bool]) -> bool:
+        """One job for the store process, counted as pending unless it refuses it."""
         process = self._process
         if process is None:
             return False
@@ -287,21 +298,7 @@ class ReadAround:
             self._pending += 1
             self._process_pending += 1
             self._idle.clear()
-        if process.submit(ino, offset, length):
-            return True
-        with self._lock:
-            self._end_process_jobs(1)
-        return False
-
-    def _submit_data(self, socket_path: str, ino: int, offset: int, length: int) -> bool:
-        process = self._process
-        if process is None or not self.data_ahead:
-            return False
-        with self._lock:
-            self._pending += 1
-            self._process_pending += 1
-            self._idle.clear()
-        if process.submit_data(socket_path, ino, offset, length):
+        if submit(process):
             return True
         with self._lock:
             self._end_process_jobs(1)
