@@ -12,6 +12,7 @@ one table per subsystem::
     store_threads = 4      # threads putting read-around and store-ahead pages in the cache
     store_process = true   # store-ahead from a process of its own (snapfs.storeproc)
     store_data = true      # that process also reads data ahead, over its own NBD connections
+    page_cache = true      # false: disk images are read without the kernel's page cache
 
     [guestfs]                  # see snapfs/guestfs/settings.py
     backend = "auto"           # auto | kvm | tcg (auto: KVM, and TCG if KVM hangs or fails)
@@ -73,6 +74,13 @@ class NbdSettings:
     # connections of its own (snapshot disks of snapfs's own qemu-nbd only): the daemon's
     # loop then answers only the page per gap left to the kernel (snapfs.readaround).
     store_data: bool = True
+    # Snapshot disk images go through the kernel's page cache: a second read, and random
+    # reads near earlier ones (read-around), never reach the daemon. False opens them with
+    # FOPEN_DIRECT_IO: each read is one request answered straight into the reader's buffer,
+    # with no page-cache pages to fill. A whole-disk copy of a sparse image then runs
+    # about 2x faster here and evicts nothing, but every read reaches the daemon: random
+    # reads of data lose read-around (docs/design.md, "Reads without the page cache").
+    page_cache: bool = True
 
 
 @dataclass(frozen=True)

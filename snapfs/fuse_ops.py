@@ -98,10 +98,14 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, read_around: ReadAround | None = None) -> None:
+    def __init__(
+        self, tree: Tree, read_around: ReadAround | None = None, *, disk_page_cache: bool = True
+    ) -> None:
         super().__init__()
         self.tree = tree
         self.read_around = read_around
+        # False: snapshot disk images are opened without the page cache ([nbd] page_cache).
+        self.disk_page_cache = disk_page_cache
         self._fh_counter = itertools.count(1)
         self._open_files: dict[int, OpenFile] = {}
         self._open_inodes: dict[int, int] = {}  # fh → inode, for page-cache stores
@@ -185,10 +189,22 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             except BaseException:
                 await handle.release()
                 raise
+        if self._uncached(handle, flags):
+            # Reads go straight to the daemon and from its reply into the reader's buffer:
+            # no page-cache pages to fill (docs/design.md, "Reads without the page cache").
+            # keep_cache stays: the pages other opens have cached remain valid.
+            handle.direct_io = True
         fh = next(self._fh_counter)
         self._open_files[fh] = handle
         self._open_inodes[fh] = inode
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
+
+    def _uncached(self, handle: OpenFile, flags: int) -> bool:
+        """Whether a handle of immutable data is served without the page cache: its opener
+        asked for O_DIRECT, or it is a snapshot disk and ``[nbd] page_cache`` is off."""
+        if not handle.keep_cache:  # changing data: its handles keep their own rules
+            return False
+        return bool(flags & os.O_DIRECT) or (handle.nbd_disk and not self.disk_page_cache)
 
     def _handle(self, fh: int) -> OpenFile:
         handle = self._open_files.get(fh)
@@ -200,7 +216,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         around = self.read_around
-        if around is not None:
+        # Without the page cache nothing would read the pages read-around or store-ahead
+        # put there.
+        if around is not None and not handle.direct_io:
             window = around.window_for(fh, off, size)
             if window is not None and around.worth_widening(fh, handle.may_widen(off, size)):
                 data = await handle.read(*window)

@@ -204,13 +204,15 @@ async def serve(
                 threads=settings.nbd.store_threads,
                 data_ahead=settings.nbd.store_data,
             )
-            operations = Operations(tree, read_around)
+            operations = Operations(
+                tree, read_around, disk_page_cache=settings.nbd.page_cache
+            )
             pyfuse3.init(
                 operations,
                 str(mountpoint),
                 fuse_options(source, allow_other=allow_other, debug=debug_fuse),
             )
-            if settings.nbd.store_process:
+            if settings.nbd.store_process and settings.nbd.page_cache:
                 # Here, on the main thread: the process's death signal follows this thread.
                 read_around.start_store_process()
             main_returned = trio.Event()

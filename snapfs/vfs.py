@@ -302,6 +302,9 @@ class OpenFile:
 
     keep_cache = True
     direct_io = False  # bypass the page cache and st_size (content of unknown size)
+    # A snapshot disk image read through NBD: what ``[nbd] page_cache = false`` opens
+    # without the page cache.
+    nbd_disk = False
 
     def may_widen(self, offset: int, size: int) -> bool:
         """Whether a random read here may be widened to a window whose rest is stored in the
@@ -425,6 +428,8 @@ class HostFile(File):
 
 
 class _DiskHandle(OpenFile):
+    nbd_disk = True
+
     def __init__(self, export: DiskExport) -> None:
         self._export = export
         self._released = False

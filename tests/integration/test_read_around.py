@@ -8,6 +8,7 @@ Checked against ``qemu-img convert -O raw`` of the image, with page-cache reside
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -378,4 +380,76 @@ def test_store_ahead_off(sparse: tuple[Path, bytes], tmp_path: Path) -> None:
             assert read_in_order(fd, SPARSE_SIZE) == ref
         finally:
             os.close(fd)
+    assert ahead_stored_mib(m) == 0
+
+
+def read_direct(fd: int, offset: int, size: int) -> bytes:
+    """One pread into a page-aligned buffer (what O_DIRECT readers use)."""
+    with mmap.mmap(-1, max(size, mmap.PAGESIZE)) as buf:
+        n = os.preadv(fd, [memoryview(buf)[:size]], offset)
+        return bytes(buf[:n])
+
+
+def direct_reads_right(fd: int, ref: bytes, read: Callable[[int, int, int], bytes]) -> None:
+    """The whole disk in order, then random reads of data, holes and their edges."""
+    whole = bytearray()
+    while len(whole) < SPARSE_SIZE:
+        chunk = read(fd, len(whole), MiB)
+        assert chunk, f"early end at {len(whole)}"
+        whole += chunk
+    assert whole == ref
+    rng = random.Random(5)
+    offsets = [24 * MiB + 40 * KiB, 24 * MiB - 100, 37 * MiB, SPARSE_SIZE - 4096, 5 * MiB]
+    for offset in offsets + [rng.randrange(0, SPARSE_SIZE) for _ in range(100)]:
+        size = rng.choice((512, 4096, 5000, 200 * KiB))
+        assert read(fd, offset, size) == ref[offset : offset + size], offset
+
+
+def test_page_cache_off_reads_disks_uncached(sparse: tuple[Path, bytes], tmp_path: Path) -> None:
+    """``[nbd] page_cache = false``: snapshot disks are opened with FOPEN_DIRECT_IO. Every
+    read equals qemu-img's bytes and reaches the daemon (a second read too); nothing goes into
+    the page cache (no read-around, no store-ahead, no store process)."""
+    repo, ref = sparse
+    config = tmp_path / "config.toml"
+    config.write_text("[nbd]\npage_cache = false\n")
+    with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
+        assert store_process_pids(m) == [], m.log_text()
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            direct_reads_right(fd, ref, lambda fd, offset, size: os.pread(fd, size, offset))
+            assert img.read_bytes() == ref  # another open: uncached as well
+            time.sleep(0.3)  # a store, had one been queued, would have landed by now
+            assert resident_bytes(img) == 0
+        finally:
+            os.close(fd)
+    # Two whole reads in 1 MiB requests (at most) and 105 random ones, all answered.
+    assert reads_served(m) >= 2 * (SPARSE_SIZE // MiB) + 105
+    assert "read-around: 0 random reads widened, 0.0 MiB stored" in m.log_text()
+    assert ahead_stored_mib(m) == 0
+
+
+def test_o_direct_readers_bypass_the_page_cache(sparse: tuple[Path, bytes], tmp_path: Path) -> None:
+    """A reader that opens a snapshot disk with O_DIRECT (``dd iflag=direct``, ``qemu-img
+    convert -T none``) is served uncached on a mount that keeps the page cache: no windows or
+    holes stored for it. A plain open of the same file still gets read-around."""
+    repo, ref = sparse
+    with mounted(repo, tmp_path / "m") as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY | os.O_DIRECT)
+        try:
+            evict(fd)
+            direct_reads_right(fd, ref, read_direct)
+            time.sleep(0.3)
+            assert resident_bytes(img) == 0
+        finally:
+            os.close(fd)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 24 * MiB + 40 * KiB) == ref[24 * MiB + 40 * KiB :][:4096]
+            assert wait_resident(img, WINDOW) == WINDOW
+        finally:
+            os.close(fd)
+    assert "read-around: 1 random reads widened" in m.log_text()
     assert ahead_stored_mib(m) == 0
