@@ -60,9 +60,14 @@ RETRY_AFTER_S = 30.0
 # NbdConnection.pread_pieces): qemu-nbd then reads one piece while sending the previous.
 READ_PIECE = 256 << 10
 # Sequential reads of immutable data: a read of at least this size that continues the previous
-# read makes the export fetch the next range of the same size at once, in the background, so
-# that the server works on it while this reply is being copied into the page cache; the
-# kernel's request for it then finds it under way or done. At most PREFETCH_MAX ranges held.
+# read makes the export fetch the next range of about the same size at once, in the
+# background, so that the server works on it while this reply is being copied into the page
+# cache; the kernel's request for it then finds it under way or done. At most PREFETCH_MAX
+# ranges held. A fetched range ends on a multiple of the largest power of two in the request
+# size, and any request inside it is served from it: an uncached read into a buffer that does
+# not start on a page boundary (a Python bytearray, rsync's) reaches the daemon as one
+# request of 1 MiB - 16 bytes and one of 16 bytes, and ranges of exactly the request's size
+# would never match the next request.
 PREFETCH_MIN = 256 << 10
 PREFETCH_MAX = 2
 # Write-behind: a write is acknowledged once sent, before the server's reply, with up to this
@@ -431,10 +436,12 @@ class DiskExport:
             segments = [(s.start, s.end, s.data) for s in extents.segments(offset, size)]
         ahead = self._prefetch_after(offset, size) if extents is not None else None
         if ahead is not None:
-            await ahead.done.wait()
-            if ahead.error is None:
-                self._give_buffer(ahead.buf)
-                return memoryview(ahead.buf)
+            entry, skip, last = ahead
+            await entry.done.wait()
+            if entry.error is None:
+                if last:  # no later request reads from it: back to the pool
+                    self._give_buffer(entry.buf)
+                return memoryview(entry.buf)[skip : skip + size]
             # The fetch failed: read it again below, which reports its own error.
         # Out of the pool while this read fills it; back in when done (below).
         buf = self._take_buffer(size)
@@ -482,10 +489,22 @@ class DiskExport:
         elif pieces:
             await self._pick().pread_pieces(pieces)
 
-    def _prefetch_after(self, offset: int, size: int) -> _Prefetch | None:
-        """The fetch already started for this read, if any; and when this read continues
-        the previous one, start fetching the range after it (immutable exports only)."""
-        hit = self._prefetched.pop((offset, size), None)
+    def _prefetched_range(self, offset: int, size: int) -> tuple[_Prefetch, int, bool] | None:
+        """The fetch started for a range holding this read, if any: the fetch, where the read
+        starts in it, and whether the read ends it (it is then forgotten)."""
+        for (start, length), entry in self._prefetched.items():
+            if start <= offset and offset + size <= start + length:
+                last = offset + size == start + length
+                if last:
+                    del self._prefetched[(start, length)]
+                return entry, offset - start, last
+        return None
+
+    def _prefetch_after(self, offset: int, size: int) -> tuple[_Prefetch, int, bool] | None:
+        """The fetch already started for this read, if any (``_prefetched_range``); and when
+        this read continues the previous one, start fetching the range after it (immutable
+        exports only)."""
+        hit = self._prefetched_range(offset, size)
         sequential = offset == self._sequential_end
         self._sequential_end = offset + size
         extents = self.extents
@@ -495,7 +514,8 @@ class DiskExport:
             return hit
         assert self.size is not None
         start = offset + size
-        length = min(size, self.size - start)
+        unit = 1 << (size.bit_length() - 1)
+        length = min(-(-(start + size) // unit) * unit, self.size) - start
         key = (start, length)
         if length <= 0 or key in self._prefetched or not extents.has_data(start, length):
             return hit

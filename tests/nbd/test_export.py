@@ -256,3 +256,32 @@ async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
         await trio.testing.wait_all_tasks_blocked()
         assert bytes(await export.read_transient(6 * MiB, MiB)) == expect[6 * MiB : 7 * MiB]
         assert fills.count(6 * MiB) == 2
+
+
+async def test_fetch_ahead_serves_requests_split_off_a_page(chain, runtime_dir):
+    """An uncached reader whose 1 MiB buffer does not start on a page boundary reaches the
+    daemon as a request of 1 MiB - 16 bytes, then one of 16 bytes (the kernel pins at most
+    256 pages per request): the fetches ahead serve both."""
+    image, expect = chain
+    async with served(image, runtime_dir, connections=2) as export:
+        fills: list[int] = []
+        original_fill = export._fill
+
+        async def fill(view, offset, segments):
+            fills.append(offset)
+            await original_fill(view, offset, segments)
+
+        export._fill = fill
+        requests = []
+        for block in range(5, 8):  # the data at 5-8 MiB
+            requests += [(block * MiB, MiB - 16), ((block + 1) * MiB - 16, 16)]
+        for offset, size in requests:
+            got = bytes(await export.read_transient(offset, size))
+            assert got == expect[offset : offset + size], (offset, size)
+            await trio.testing.wait_all_tasks_blocked()
+        # Read by their requests: the first three (the stream's first big request is not
+        # yet sequential); every later one came from the fetch of 7 MiB - 16 to 8 MiB, which
+        # the third started. Each byte is read from the server once.
+        assert fills == [5 * MiB, 6 * MiB - 16, 6 * MiB, 7 * MiB - 16, 8 * MiB - 16]
+        # That fetch was read to its end and forgotten; the one after it is held.
+        assert list(export._prefetched) == [(8 * MiB - 16, MiB + 16)]
