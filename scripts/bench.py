@@ -586,6 +586,7 @@ def with_read_ahead(mountpoint: Path, kb: int) -> Callable[[], Callable[[], None
 
 SNAPFS_FORCED = "snapfs ra=1024 set by bench (context)"
 UNCACHED = "snapfs-uncached (page_cache = false)"
+NBDFUSE_TUNED = "nbdfuse ra=1024 (context)"
 
 
 def snapfs_and_nbdfuse(fx: DiskFixture, read: Callable[[Path], float]) -> dict[str, Tool]:
@@ -595,7 +596,6 @@ def snapfs_and_nbdfuse(fx: DiskFixture, read: Callable[[Path], float]) -> dict[s
         "nbdfuse": (fx.nbdfuse_file, read),
         UNCACHED: (fx.uncached_file, read),
     }
-NBDFUSE_TUNED = "nbdfuse ra=1024 (context)"
 
 
 def _seq_tools(
