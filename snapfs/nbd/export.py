@@ -69,7 +69,10 @@ READ_PIECE = 256 << 10
 # request of 1 MiB - 16 bytes and one of 16 bytes, and ranges of exactly the request's size
 # would never match the next request.
 PREFETCH_MIN = 256 << 10
-PREFETCH_MAX = 2
+PREFETCH_MAX = 4
+# How many ranges of a stream are fetched ahead of its latest request: with two, qemu-nbd
+# still has work queued while the loop answers a request and receives the next range.
+PREFETCH_DEPTH = 2
 # Write-behind: a write is acknowledged once sent, before the server's reply, with up to this
 # many bytes in flight per export. A writer at queue depth 1 (dd, cp) then streams instead of
 # waiting a round trip per 1 MiB request. Errors are reported on the next write, flush or
@@ -158,6 +161,7 @@ class DiskExport:
         self._buffer_count = 0
         self._prefetched: dict[tuple[int, int], _Prefetch] = {}  # (offset, size) → fetch
         self._sequential_end = -1  # where the last read ended
+        self._fetched_to = 0  # where the fetches ahead of the current stream end
         self._failure: str | None = None
         # Write-behind state: in-flight writes by id → (start, end); their total size; an
         # event set (and replaced) whenever one completes; the first error not yet reported.
@@ -333,6 +337,7 @@ class DiskExport:
 
     async def _teardown(self) -> None:
         self._prefetched.clear()  # fetches under way fail with their connection
+        self._fetched_to = 0
         if self.restartable_source:
             self.extents = None
             self.dirty = None
@@ -506,26 +511,33 @@ class DiskExport:
         exports only)."""
         hit = self._prefetched_range(offset, size)
         sequential = offset == self._sequential_end
-        self._sequential_end = offset + size
+        end = self._sequential_end = offset + size
         extents = self.extents
+        if not sequential:
+            self._fetched_to = 0  # a new stream (or none): its fetches start after its reads
         if not (sequential and size >= PREFETCH_MIN and self.readonly and extents is not None):
             return hit
-        if PREFETCH_MAX <= 0:
-            return hit
         assert self.size is not None
-        start = offset + size
+        # Ranges follow each other from the end of the stream's last fetch (or of this read),
+        # each ending on a multiple of the request size's largest power of two.
         unit = 1 << (size.bit_length() - 1)
-        length = min(-(-(start + size) // unit) * unit, self.size) - start
-        key = (start, length)
-        if length <= 0 or key in self._prefetched or not extents.has_data(start, length):
-            return hit
+        start = max(end, self._fetched_to)
+        while start < min(end + PREFETCH_DEPTH * size, self.size):
+            stop = min(-(-(start + size) // unit) * unit, self.size)
+            self._fetched_to = stop
+            if extents.has_data(start, stop - start):  # holes cost nothing to read
+                self._fetch(extents, start, stop - start)
+            start = stop
+        return hit
+
+    def _fetch(self, extents: ExtentMap, start: int, length: int) -> None:
+        """Start fetching ``[start, start+length)`` in the background (``_prefetch``)."""
         while len(self._prefetched) >= PREFETCH_MAX:
             del self._prefetched[next(iter(self._prefetched))]  # the oldest: not asked for
         segments = [(s.start, s.end, s.data) for s in extents.segments(start, length)]
         entry = _Prefetch(self._take_buffer(length))
-        self._prefetched[key] = entry
+        self._prefetched[(start, length)] = entry
         self._manager.nursery.start_soon(self._prefetch, entry, start, segments)
-        return hit
 
     async def _prefetch(
         self, entry: _Prefetch, offset: int, segments: list[tuple[int, int, bool]]

@@ -258,6 +258,32 @@ async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
         assert fills.count(6 * MiB) == 2
 
 
+async def test_streams_are_fetched_two_ranges_ahead(chain, runtime_dir):
+    """A sequential reader of data keeps two ranges fetched ahead of its latest request
+    (PREFETCH_DEPTH), each fetched once."""
+    image, expect = chain
+    async with served(image, runtime_dir, connections=2) as export:
+        fills: list[int] = []
+        original_fill = export._fill
+
+        async def fill(view, offset, segments):
+            fills.append(offset)
+            await original_fill(view, offset, segments)
+
+        export._fill = fill
+        # 4-5 MiB is a hole (answered from the map); the read of 5 MiB continues it.
+        assert bytes(await export.read_transient(4 * MiB, MiB)) == expect[4 * MiB : 5 * MiB]
+        assert bytes(await export.read_transient(5 * MiB, MiB)) == expect[5 * MiB : 6 * MiB]
+        assert list(export._prefetched) == [(6 * MiB, MiB), (7 * MiB, MiB)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(fills) == [5 * MiB, 6 * MiB, 7 * MiB]
+        for block in (6, 7):
+            got = bytes(await export.read_transient(block * MiB, MiB))
+            assert got == expect[block * MiB : (block + 1) * MiB]
+        assert sorted(fills) == [5 * MiB, 6 * MiB, 7 * MiB]  # no range read twice
+        assert export._prefetched == {}
+
+
 async def test_fetch_ahead_serves_requests_split_off_a_page(chain, runtime_dir):
     """An uncached reader whose 1 MiB buffer does not start on a page boundary reaches the
     daemon as a request of 1 MiB - 16 bytes, then one of 16 bytes (the kernel pins at most
@@ -281,7 +307,8 @@ async def test_fetch_ahead_serves_requests_split_off_a_page(chain, runtime_dir):
             await trio.testing.wait_all_tasks_blocked()
         # Read by their requests: the first three (the stream's first big request is not
         # yet sequential); every later one came from the fetch of 7 MiB - 16 to 8 MiB, which
-        # the third started. Each byte is read from the server once.
-        assert fills == [5 * MiB, 6 * MiB - 16, 6 * MiB, 7 * MiB - 16, 8 * MiB - 16]
-        # That fetch was read to its end and forgotten; the one after it is held.
-        assert list(export._prefetched) == [(8 * MiB - 16, MiB + 16)]
+        # the third started (the ranges after it, 8-10 MiB, are holes: not fetched). Each
+        # byte is read from the server once.
+        assert fills == [5 * MiB, 6 * MiB - 16, 6 * MiB, 7 * MiB - 16]
+        # That fetch was read to its end and forgotten.
+        assert export._prefetched == {}
