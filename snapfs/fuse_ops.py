@@ -221,8 +221,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if around is not None and not handle.direct_io:
             window = around.window_for(fh, off, size)
             if window is not None and around.worth_widening(fh, handle.may_widen(off, size)):
+                ino = self._open_inodes[fh]
+                if around.widen_by_process(ino, window, off, size, handle.holes, handle.data_ahead):
+                    return await handle.read(off, size)
                 data = await handle.read(*window)
-                return around.reply(self._open_inodes[fh], window[0], data, off, size)
+                return around.reply(ino, window[0], data, off, size)
             # Queued before this read is answered: the store thread fills pages meanwhile.
             around.store_ahead(
                 fh, self._open_inodes[fh], off, size, handle.holes, handle.data_ahead

@@ -48,6 +48,7 @@ them only without the process.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -58,7 +59,7 @@ from typing import NamedTuple
 import pyfuse3
 import trio
 
-from snapfs.storeproc import DATA, StoreProcess, fuse_device_fd
+from snapfs.storeproc import DATA, WINDOW, StoreProcess, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class ReadAround:
         self._closed = False
         self._warned = False
         self.reads = 0  # random reads served with their window
+        self.process_reads = 0  # of them, windows the store process read and stored
         self.stored_bytes = 0
         self.ahead_bytes = 0  # zeros stored ahead of sequential streams
         self.stale_bytes = 0  # ahead stores skipped: the reader had caught up
@@ -313,18 +315,21 @@ class ReadAround:
 
     def _acked(self, kind: int, status: int, length: int) -> None:
         """A store process job ended (on its reader thread)."""
+        read = kind in (DATA, WINDOW)  # the process read it from NBD itself
         with self._lock:
             self._end_process_jobs(1)
-            if status == 0 and kind == DATA:
+            if status == 0 and kind == WINDOW:
+                self.stored_bytes += length
+            elif status == 0 and kind == DATA:
                 self.data_ahead_bytes += length
             elif status == 0:
                 self.ahead_bytes += length
                 self.process_bytes += length
-            elif kind == DATA:
+            elif read:
                 self.failed_data += 1
             else:
                 self.failed_stores += 1
-        if kind == DATA and status != 0:
+        if read and status != 0:
             # Its server stopped or restarted, or a read failed: the kernel asks the daemon
             # for those pages, whose read reports a real error to the reader.
             if not self._warned_data:
@@ -350,6 +355,40 @@ class ReadAround:
         self._random.pop(fh, None)
         self._phase.pop(fh, None)
         self._ahead_to.pop(fh, None)
+
+    def widen_by_process(
+        self, ino: int, window: tuple[int, int], offset: int, size: int, holes: HolesFn,
+        data: DataFn,
+    ) -> bool:  # fmt: skip
+        """Have the store process read and store the rest of a random read's ``window``
+        (from ``window_for``) over its own NBD connection, while the loop reads only the
+        asked ``[offset, offset+size)``; whether it took the window. A miss then costs the
+        loop one small NBD read, as in nbdfuse, and the window's read and its page fills run
+        in the other process (docs/design.md, "Read-around"). Not without the process
+        reading data (``store_data``), nor for a file it may not read (``data`` says None).
+        """
+        if self._process is None or not self.data_ahead or self._closed:
+            return False
+        start, length = window
+        source = data(start, start + length)
+        if source is None:
+            return False
+        socket_path, ranges = source
+        # Data and holes tile the window up to the disk's end: where the window stops.
+        stop = max((end for _, end in ranges + holes(start, start + length)), default=start)
+        pieces = [(start, offset), (offset + size, stop)]
+        taken = False
+        for piece_start, piece_end in pieces:
+            if piece_end > piece_start:
+                submit = functools.partial(
+                    StoreProcess.submit_data, socket_path=socket_path, ino=ino,
+                    offset=piece_start, length=piece_end - piece_start, kind=WINDOW,
+                )  # fmt: skip
+                taken |= self._to_process(submit)
+        if taken:
+            self.reads += 1
+            self.process_reads += 1
+        return taken
 
     def reply(
         self, ino: int, start: int, data: bytes | bytearray | memoryview, offset: int, size: int
@@ -498,7 +537,8 @@ class ReadAround:
     def summary(self) -> str:
         return (
             f"read-around: {self.reads} random reads widened, "
-            f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache; "
+            f"{self.stored_bytes / (1 << 20):.1f} MiB stored in the page cache "
+            f"({self.process_reads} windows read by the store process); "
             f"{self.ahead_bytes / (1 << 20):.1f} MiB of holes stored ahead of sequential "
             f"reads ({self.process_bytes / (1 << 20):.1f} MiB of it by the store process, "
             f"{self.stale_bytes / (1 << 20):.1f} MiB skipped: the reader caught up); "

@@ -20,10 +20,12 @@ Owns both ends: ``StoreProcess`` (the daemon side: spawn, submit, acknowledgemen
 ``main`` (the process: ``python -m snapfs.storeproc FD THREADS PARENTPID``).
 
 Protocol: the daemon writes records ``<BxHQQI`` (kind, export, inode, offset, length) to the
-process's stdin: ZEROS (store zeros), DATA (store the bytes the export's server has there) or
-EXPORT (export number ``export`` is the NBD unix socket whose path, ``length`` bytes, follows
-the record; sent before the first DATA job of that export). The process answers each ZEROS
-and DATA job with ``<BBI`` (kind, 0 stored / errno, length) on stdout. End of stdin: the
+process's stdin: ZEROS (store zeros), DATA (store the bytes the export's server has there),
+WINDOW (the same as DATA, for the rest of a random read's window: acknowledged under its own
+kind so that the daemon counts it apart) or EXPORT (export number ``export`` is the NBD unix
+socket whose path, ``length`` bytes, follows the record; sent before the first DATA or
+WINDOW job of that export). The process answers each ZEROS, DATA and WINDOW job with
+``<BBI`` (kind, 0 stored / errno, length) on stdout. End of stdin: the
 queued stores finish and the process exits. Each thread keeps one NBD connection per export,
 made on its first job there; a failed read drops it, and the next job connects again.
 
@@ -51,7 +53,7 @@ from typing import Any
 
 JOB = struct.Struct("<BxHQQI")
 ACK = struct.Struct("<BBI")
-ZEROS, DATA, EXPORT = 0, 1, 2
+ZEROS, DATA, EXPORT, WINDOW = 0, 1, 2, 3
 MAX_EXPORTS = 1 << 16
 # struct fuse_out_header (len, error = the notify code, unique = 0) and
 # struct fuse_notify_store_out (nodeid, offset, size, padding): include/uapi/linux/fuse.h.
@@ -118,10 +120,13 @@ class StoreProcess:
         process cannot take it now (gone, or its pipe full): the caller stores it itself."""
         return self._send(JOB.pack(ZEROS, 0, ino, offset, length))
 
-    def submit_data(self, socket_path: str, ino: int, offset: int, length: int) -> bool:
+    def submit_data(
+        self, socket_path: str, ino: int, offset: int, length: int, kind: int = DATA
+    ) -> bool:
         """Queue a store of the bytes at ``offset`` of the export served on ``socket_path``
-        (``length`` bytes, at the same offset of inode ``ino``); False if the process
-        cannot take it now: nothing is stored, the kernel asks the daemon as usual."""
+        (``length`` bytes, at the same offset of inode ``ino``), as a DATA or WINDOW job;
+        False if the process cannot take it now: nothing is stored, the kernel asks the
+        daemon as usual."""
         export = self._exports.get(socket_path)
         if export is None:
             path = os.fsencode(socket_path)
@@ -131,7 +136,7 @@ class StoreProcess:
             if not self._send(JOB.pack(EXPORT, export, 0, 0, len(path)) + path):
                 return False
             self._exports[socket_path] = export
-        return self._send(JOB.pack(DATA, export, ino, offset, length))
+        return self._send(JOB.pack(kind, export, ino, offset, length))
 
     def _send(self, record: bytes) -> bool:
         if not self.alive:
@@ -246,7 +251,7 @@ def _serve(fuse_fd: int, threads: int, jobs_in: int, acks_out: int) -> None:
                 kind, export, ino, offset, length = job
                 status = 0
                 try:
-                    if not 0 < length <= MAX_STORE or kind not in (ZEROS, DATA):
+                    if not 0 < length <= MAX_STORE or kind not in (ZEROS, DATA, WINDOW):
                         raise OSError(errno.EINVAL, "bad job")
                     data = zeros if kind == ZEROS else connections.read(export, offset, length)
                     os.writev(fuse_fd, [store_message(ino, offset, length), data[:length]])

@@ -85,11 +85,35 @@ def reads_served(m: Mounted) -> int:
     return int(found.group(1))
 
 
-def test_random_read_stores_its_window(disk: tuple[Path, bytes], tmp_path: Path) -> None:
+# Who reads and stores a widened window: the store process over its own NBD connection (the
+# default), or the loop, whose daemon thread stores it (no store process, or no data reads).
+AROUND_MODES = {
+    "process": "",
+    "loop, no store process": "[nbd]\nstore_process = false\n",
+    "loop, no data reads": "[nbd]\nstore_data = false\n",
+}
+
+
+def around_config(tmp_path: Path, mode: str) -> tuple[str, ...]:
+    config = tmp_path / "config.toml"
+    config.write_text(AROUND_MODES[mode])
+    return ("--config", str(config))
+
+
+def windows_by_process(m: Mounted) -> int:
+    found = re.search(r"\((\d+) windows read by the store process\)", m.log_text())
+    assert found, m.log_text()
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("mode", AROUND_MODES)
+def test_random_read_stores_its_window(
+    disk: tuple[Path, bytes], tmp_path: Path, mode: str
+) -> None:
     repo, ref = disk
     offset = 3 * MiB + 40 * KiB
     start = offset - offset % WINDOW
-    with mounted(repo, tmp_path / "m") as m:
+    with mounted(repo, tmp_path / "m", *around_config(tmp_path, mode)) as m:
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
         try:
@@ -108,12 +132,17 @@ def test_random_read_stores_its_window(disk: tuple[Path, bytes], tmp_path: Path)
     # The 64 page reads above reached the daemon once: the first one.
     assert reads_served(m) == 1
     assert "read-around: 1 random reads widened, 0.2 MiB stored" in m.log_text()
+    assert windows_by_process(m) == (1 if mode == "process" else 0)
 
 
-def test_reads_of_holes_are_not_widened(disk: tuple[Path, bytes], tmp_path: Path) -> None:
-    """A hole costs no server read: widening it would only fill the page cache with zeros."""
+@pytest.mark.parametrize("mode", AROUND_MODES)
+def test_reads_of_holes_are_not_widened(
+    disk: tuple[Path, bytes], tmp_path: Path, mode: str
+) -> None:
+    """A hole costs no server read: widening it would only fill the page cache with zeros.
+    A window with data is stored whole, its holes too."""
     repo, ref = disk
-    with mounted(repo, tmp_path / "m") as m:
+    with mounted(repo, tmp_path / "m", *around_config(tmp_path, mode)) as m:
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
         try:
@@ -125,6 +154,7 @@ def test_reads_of_holes_are_not_widened(disk: tuple[Path, bytes], tmp_path: Path
         finally:
             os.close(fd)
     assert "read-around: 1 random reads widened" in m.log_text()
+    assert windows_by_process(m) == (1 if mode == "process" else 0)
 
 
 def test_read_around_off_reads_as_asked(disk: tuple[Path, bytes], tmp_path: Path) -> None:
@@ -145,16 +175,18 @@ def test_read_around_off_reads_as_asked(disk: tuple[Path, bytes], tmp_path: Path
     assert reads_served(m) == 4
 
 
+@pytest.mark.parametrize("mode", AROUND_MODES)
 def test_windows_over_holes_and_the_disk_end_read_right(
-    disk: tuple[Path, bytes], tmp_path: Path
+    disk: tuple[Path, bytes], tmp_path: Path, mode: str
 ) -> None:
     """Random reads everywhere (data, holes, the data/hole edges, the short last window), then
-    the whole file through the page cache they filled: equal to qemu-img's bytes."""
+    the whole file through the page cache they filled: equal to qemu-img's bytes. No store
+    fails (the last window stops at the disk's end)."""
     repo, ref = disk
     rng = random.Random(3)
     offsets = [SIZE - 4096, SIZE - 100, 8 * MiB - 2048, 10 * MiB + 100 * KiB - 10, 12 * MiB]
     offsets += [rng.randrange(0, SIZE) for _ in range(200)]
-    with mounted(repo, tmp_path / "m") as m:
+    with mounted(repo, tmp_path / "m", *around_config(tmp_path, mode)) as m:
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
         try:
@@ -167,6 +199,9 @@ def test_windows_over_holes_and_the_disk_end_read_right(
         finally:
             os.close(fd)
         assert "read-around: cannot store" not in m.log_text()
+    assert "reads failed" not in m.log_text() and "stores failed" not in m.log_text()
+    assert "cannot read data ahead" not in m.log_text()
+    assert (windows_by_process(m) > 0) == (mode == "process"), m.log_text()
 
 
 def test_unmount_by_signal_during_random_reads(disk: tuple[Path, bytes], tmp_path: Path) -> None:
