@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from snapfs.storeproc import ACK, DATA, JOB, ZEROS, StoreProcess, store_message
+from snapfs.storeproc import ACK, DATA, JOB, WINDOW, ZEROS, StoreProcess, store_message
 
 MiB = 1 << 20
 
@@ -122,10 +122,10 @@ def test_data_jobs_store_the_servers_bytes_and_reconnect(tmp_path: Path) -> None
     try:
         reader = threading.Thread(target=lambda: got.extend(read_messages(fake_fuse_r, 3)))
         reader.start()
-        jobs = [(7, MiB + 4096, MiB - 4096), (7, 3 * MiB, 8192)]
-        for job in jobs:
-            assert proc.submit_data(str(sock), *job)
-        assert acked(2) == [(DATA, 0, MiB - 4096), (DATA, 0, 8192)]
+        # A DATA job, then a WINDOW job (the same work, acknowledged under its own kind).
+        assert proc.submit_data(str(sock), 7, MiB + 4096, MiB - 4096)
+        assert proc.submit_data(str(sock), 7, 3 * MiB, 8192, kind=WINDOW)
+        assert acked(2) == [(DATA, 0, MiB - 4096), (WINDOW, 0, 8192)]
         # The server dies (killed, or stopped while idle): the next job fails with an errno
         # and stores nothing; after a restart on the same socket, jobs connect again.
         server.kill()
