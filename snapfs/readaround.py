@@ -13,6 +13,8 @@ window is read from NBD in one request, the asked-for part is the reply, and the
 into the page cache, so later reads nearby are page-cache hits that never reach the daemon.
 Sequential readers are left to the kernel's read-ahead: a read that starts where the
 previous read of the same file handle ended is served as asked.
+With the store process reading data (``store_data``), the window's rest is read and stored
+by that process instead (``widen_by_process``): the loop then reads just the asked part.
 
 Store-ahead for sequential streams: a reader going through a disk in order gets the pages
 ahead of it stored (``ahead`` bytes ahead of its latest request): zeros for the holes, and
