@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -87,6 +88,12 @@ def default_log_path(mountpoint: Path) -> Path:
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Settings file.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), help="Log file.")
+@click.option(
+    "--no-page-cache",
+    is_flag=True,
+    help="Read disk images without the kernel's page cache: faster whole-disk copies, no "
+    "repeated reads from cache ([nbd] page_cache = false).",
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 def mount(
@@ -97,6 +104,7 @@ def mount(
     allow_other: bool,
     config_path: Path | None,
     log_path: Path | None,
+    no_page_cache: bool,
     debug: bool,
     debug_fuse: bool,
 ) -> None:
@@ -105,6 +113,8 @@ def mount(
     with user_errors():
         mountpoint = check_mountpoint(mountpoint, force=force)
         settings = load_settings(config_path, required=config_path is not None)
+        if no_page_cache:
+            settings = replace(settings, nbd=replace(settings.nbd, page_cache=False))
         check_source(source)
         if not is_libvirt_uri(source):
             source = os.path.abspath(source)

@@ -379,7 +379,11 @@ def test_store_ahead_fills_holes_for_a_sequential_reader(
         try:
             evict(fd)
             assert read_in_order(fd, SPARSE_SIZE, block) == ref
-            assert wait_resident(img, SPARSE_SIZE) == SPARSE_SIZE
+            # Resident as read, but for what this VM's DAMON pageout scheme may take at once
+            # (it pages out fresh pages of physical regions it has seen idle: 40-256 KiB of
+            # the 48 MiB gone in 3 of ~20 runs of this module, never with DAMON off; as in
+            # the bench's case 4, docs/benchmarks.md session 10).
+            assert wait_resident(img, SPARSE_SIZE, timeout=2.0) >= SPARSE_SIZE * 99 // 100
             # The page cache as filled: read again (no eviction) through another handle.
             assert img.read_bytes() == ref
         finally:
@@ -440,14 +444,19 @@ def direct_reads_right(fd: int, ref: bytes, read: Callable[[int, int, int], byte
         assert read(fd, offset, size) == ref[offset : offset + size], offset
 
 
-def test_page_cache_off_reads_disks_uncached(sparse: tuple[Path, bytes], tmp_path: Path) -> None:
-    """``[nbd] page_cache = false``: snapshot disks are opened with FOPEN_DIRECT_IO. Every
-    read equals qemu-img's bytes and reaches the daemon (a second read too); nothing goes into
-    the page cache (no read-around, no store-ahead, no store process)."""
+@pytest.mark.parametrize("how", ["config", "flag"])
+def test_page_cache_off_reads_disks_uncached(
+    sparse: tuple[Path, bytes], tmp_path: Path, how: str
+) -> None:
+    """``[nbd] page_cache = false`` (or ``mount --no-page-cache``): snapshot disks are opened
+    with FOPEN_DIRECT_IO. Every read equals qemu-img's bytes and reaches the daemon (a second
+    read too); nothing goes into the page cache (no read-around, no store-ahead, no store
+    process)."""
     repo, ref = sparse
     config = tmp_path / "config.toml"
     config.write_text("[nbd]\npage_cache = false\n")
-    with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
+    options = ("--config", str(config)) if how == "config" else ("--no-page-cache",)
+    with mounted(repo, tmp_path / "m", *options) as m:
         assert store_process_pids(m) == [], m.log_text()
         img = image_of(m)
         fd = os.open(img, os.O_RDONLY)
