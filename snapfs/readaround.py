@@ -61,7 +61,7 @@ from typing import NamedTuple
 import pyfuse3
 import trio
 
-from snapfs.storeproc import DATA, WINDOW, StoreProcess, fuse_device_fd
+from snapfs.storeproc import DATA, MAX_STORE, WINDOW, StoreProcess, fuse_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -378,13 +378,13 @@ class ReadAround:
         socket_path, ranges = source
         # Data and holes tile the window up to the disk's end: where the window stops.
         stop = max((end for _, end in ranges + holes(start, start + length)), default=start)
-        pieces = [(start, offset), (offset + size, stop)]
         taken = False
-        for piece_start, piece_end in pieces:
-            if piece_end > piece_start:
+        for piece_start, piece_end in ((start, offset), (offset + size, stop)):
+            # One job stores at most MAX_STORE bytes (a window may be up to 16 MiB).
+            for at in range(piece_start, piece_end, MAX_STORE):
                 submit = functools.partial(
-                    StoreProcess.submit_data, socket_path=socket_path, ino=ino,
-                    offset=piece_start, length=piece_end - piece_start, kind=WINDOW,
+                    StoreProcess.submit_data, socket_path=socket_path, ino=ino, offset=at,
+                    length=min(MAX_STORE, piece_end - at), kind=WINDOW,
                 )  # fmt: skip
                 taken |= self._to_process(submit)
         if taken:

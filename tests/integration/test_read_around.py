@@ -135,6 +135,30 @@ def test_random_read_stores_its_window(
     assert windows_by_process(m) == (1 if mode == "process" else 0)
 
 
+def test_a_large_window_is_stored_whole_by_the_store_process(
+    disk: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    """A window larger than one store job (``read_around_kb`` up to 16 MiB; a job stores at
+    most 1 MiB) is stored whole, in several jobs, none of them failing."""
+    repo, ref = disk
+    config = tmp_path / "config.toml"
+    config.write_text("[nbd]\nread_around_kb = 4096\n")
+    offset = 5 * MiB + 12 * KiB  # in the window 4-8 MiB, all data
+    with mounted(repo, tmp_path / "m", "--config", str(config)) as m:
+        img = image_of(m)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            evict(fd)
+            assert os.pread(fd, 4096, offset) == ref[offset : offset + 4096]
+            assert wait_resident(img, 4 * MiB) == 4 * MiB
+            assert os.pread(fd, 8192, 4 * MiB) == ref[4 * MiB : 4 * MiB + 8192]
+        finally:
+            os.close(fd)
+    assert reads_served(m) == 1
+    assert windows_by_process(m) == 1
+    assert "reads failed" not in m.log_text(), m.log_text()
+
+
 @pytest.mark.parametrize("mode", AROUND_MODES)
 def test_reads_of_holes_are_not_widened(
     disk: tuple[Path, bytes], tmp_path: Path, mode: str
