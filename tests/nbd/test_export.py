@@ -217,21 +217,28 @@ async def test_write_behind_keeps_order_and_reports_errors(tmp_path: Path, runti
     assert imaging.to_raw(image, tmp_path / "rw.raw") == model
 
 
+def record_fills(export: DiskExport, fail_at: list[int] | None = None) -> list[int]:
+    """The offsets the export fills from its server from now on, in order; a fill at an
+    offset in ``fail_at`` fails once (``ConnectionLost``) instead."""
+    fills: list[int] = []
+    original_fill = export._fill
+
+    async def fill(view, offset, segments):
+        fills.append(offset)
+        if fail_at is not None and offset in fail_at:
+            fail_at.remove(offset)
+            raise ConnectionLost("injected")
+        await original_fill(view, offset, segments)
+
+    export._fill = fill  # type: ignore[method-assign]
+    return fills
+
+
 async def test_sequential_reads_are_fetched_ahead(chain, runtime_dir):
     image, expect = chain
     async with served(image, runtime_dir, connections=2) as export:
-        fills: list[int] = []
-        original_fill = export._fill
         fail_next_at: list[int] = []
-
-        async def fill(view, offset, segments):
-            fills.append(offset)
-            if offset in fail_next_at:
-                fail_next_at.remove(offset)
-                raise ConnectionLost("injected")
-            await original_fill(view, offset, segments)
-
-        export._fill = fill
+        fills = record_fills(export, fail_next_at)
         # The first read of a stream fetches only itself.
         assert bytes(await export.read_transient(5 * MiB, MiB)) == expect[5 * MiB : 6 * MiB]
         assert fills == [5 * MiB]
@@ -263,14 +270,7 @@ async def test_streams_are_fetched_two_ranges_ahead(chain, runtime_dir):
     (PREFETCH_DEPTH), each fetched once."""
     image, expect = chain
     async with served(image, runtime_dir, connections=2) as export:
-        fills: list[int] = []
-        original_fill = export._fill
-
-        async def fill(view, offset, segments):
-            fills.append(offset)
-            await original_fill(view, offset, segments)
-
-        export._fill = fill
+        fills = record_fills(export)
         # 4-5 MiB is a hole (answered from the map); the read of 5 MiB continues it.
         assert bytes(await export.read_transient(4 * MiB, MiB)) == expect[4 * MiB : 5 * MiB]
         assert bytes(await export.read_transient(5 * MiB, MiB)) == expect[5 * MiB : 6 * MiB]
@@ -290,14 +290,7 @@ async def test_fetch_ahead_serves_requests_split_off_a_page(chain, runtime_dir):
     256 pages per request): the fetches ahead serve both."""
     image, expect = chain
     async with served(image, runtime_dir, connections=2) as export:
-        fills: list[int] = []
-        original_fill = export._fill
-
-        async def fill(view, offset, segments):
-            fills.append(offset)
-            await original_fill(view, offset, segments)
-
-        export._fill = fill
+        fills = record_fills(export)
         requests = []
         for block in range(5, 8):  # the data at 5-8 MiB
             requests += [(block * MiB, MiB - 16), ((block + 1) * MiB - 16, 16)]
