@@ -434,20 +434,21 @@ class DiskExport:
         extents = self.extents
         if extents is None:
             segments = [(offset, offset + size, True)]
-        elif size <= len(_ZEROS) and not extents.has_data(offset, size):
-            self._sequential_end = offset + size
-            return _ZEROS[:size]  # a hole: no round trip, no copy
         else:
+            if size <= len(_ZEROS) and not extents.has_data(offset, size):
+                self._sequential_end = offset + size
+                return _ZEROS[:size]  # a hole: no round trip, no copy
+            ahead = self._prefetch_after(offset, size)
+            if ahead is not None:
+                entry, skip, last = ahead
+                await entry.done.wait()
+                if entry.error is None:
+                    if last:  # no later request reads from it: back to the pool
+                        self._give_buffer(entry.buf)
+                    return memoryview(entry.buf)[skip : skip + size]
+                # The fetch failed: read it again below, which reports its own error.
+            # Split only when the read goes to the server (not for a fetched range).
             segments = [(s.start, s.end, s.data) for s in extents.segments(offset, size)]
-        ahead = self._prefetch_after(offset, size) if extents is not None else None
-        if ahead is not None:
-            entry, skip, last = ahead
-            await entry.done.wait()
-            if entry.error is None:
-                if last:  # no later request reads from it: back to the pool
-                    self._give_buffer(entry.buf)
-                return memoryview(entry.buf)[skip : skip + size]
-            # The fetch failed: read it again below, which reports its own error.
         # Out of the pool while this read fills it; back in when done (below).
         buf = self._take_buffer(size)
         view = memoryview(buf)
